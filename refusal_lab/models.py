@@ -1,0 +1,191 @@
+"""Load a HF causal LM and its tokenizer, and turn prompts into chat-formatted token ids.
+
+Reads: a hub id (through the HF cache, honouring `cache_dir`, `revision`, offline flags) or a
+local folder; `organism` resolves to the tiny chat model shipped in `refusal_lab/organism/assets`.
+Writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_lab.config import EMBEDDED_MODEL, ConfigError, Device, ModelConfig
+from refusal_lab.layers import HookPoint, expand_layer_spec
+
+log = logging.getLogger(__name__)
+
+ORGANISM_DIR = Path(__file__).resolve().parent / "organism" / "assets"
+"""The embedded model organism (config.json, model.safetensors, tokenizer files)."""
+
+_PLACEHOLDER = "\x00PROMPT\x00"
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """`organism` -> the shipped folder; anything else is passed to from_pretrained as is."""
+    return str(ORGANISM_DIR) if cfg.name == EMBEDDED_MODEL else cfg.name
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == Device.CUDA and not torch.cuda.is_available():
+        raise ConfigError("model.device: 'cuda' was requested but no CUDA device is visible; use cpu or auto")
+    return torch.device(device.value)
+
+
+def _offline(cfg: ModelConfig) -> bool:
+    return cfg.local_files_only or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Tokenizer with left padding (so the last prompt token is at index -1) and a pad token."""
+    path = resolve_model_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path,
+            revision=cfg.revision,
+            cache_dir=cfg.cache_dir,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=_offline(cfg),
+        )
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"model.name: cannot load the tokenizer of {cfg.name!r} ({err.__class__.__name__}: {err}). "
+            "Give a local folder with tokenizer files, or a hub id that is in the HF cache "
+            f"(cache_dir={cfg.cache_dir!r}, offline={_offline(cfg)})."
+        ) from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Llama-2 and Mistral ship without a pad token; padded positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model.name: {cfg.name!r} has no chat template; refusal_lab studies chat models")
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig) -> PreTrainedModel:
+    """The model in eval mode on `cfg.device` (or spread by `device_map`)."""
+    path = resolve_model_path(cfg)
+    dtype = getattr(torch, cfg.torch_dtype.value)
+    kwargs: dict = dict(
+        revision=cfg.revision,
+        cache_dir=cfg.cache_dir,
+        trust_remote_code=cfg.trust_remote_code,
+        local_files_only=_offline(cfg),
+        dtype=dtype,
+    )
+    if cfg.device_map is not None:
+        kwargs["device_map"] = cfg.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name: cannot load {cfg.name!r} ({err.__class__.__name__}: {err})") from err
+    if cfg.device_map is None:
+        model = model.to(resolve_device(cfg.device))
+    model.eval()
+    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise ConfigError(
+            f"model.name: {cfg.name!r} ({type(model).__name__}) has no `model.model.layers`; "
+            "refusal_lab supports decoder-only models laid out like Llama/Mistral"
+        )
+    return model
+
+
+def n_layers(model: PreTrainedModel) -> int:
+    return len(model.model.layers)  # type: ignore[union-attr]
+
+
+def hook_points_for(cfg: ModelConfig, model: PreTrainedModel) -> list[HookPoint]:
+    """Expand `model.activation_layers` against this model's depth (errors name the model)."""
+    return expand_layer_spec(cfg.activation_layers, n_layers(model), cfg.name)
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a user message is wrapped: the text before and after it, and the token count after it."""
+
+    prefix: str
+    suffix: str
+    n_post_instruction_tokens: int
+
+
+def _messages(cfg: ModelConfig, prompt: str, system_inline: bool) -> list[dict[str, str]]:
+    if cfg.system_prompt is None:
+        return [{"role": "user", "content": prompt}]
+    if system_inline:
+        return [{"role": "user", "content": f"{cfg.system_prompt}\n\n{prompt}"}]
+    return [{"role": "system", "content": cfg.system_prompt}, {"role": "user", "content": prompt}]
+
+
+def chat_format(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[ChatFormat, bool]:
+    """Find the template's text around the user message and whether the system prompt is inlined.
+
+    Templates without a system role (Mistral-Instruct v0.1) raise on one; then the system prompt
+    is prepended to the user message, as Mistral's own docs do.
+    """
+    system_inline = False
+    try:
+        text = tokenizer.apply_chat_template(
+            _messages(cfg, _PLACEHOLDER, False), tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # jinja raises TemplateError subclasses with model-specific messages
+        if cfg.system_prompt is None:
+            raise
+        system_inline = True
+        text = tokenizer.apply_chat_template(_messages(cfg, _PLACEHOLDER, True), tokenize=False, add_generation_prompt=True)
+    assert isinstance(text, str) and _PLACEHOLDER in text
+    prefix, suffix = text.split(_PLACEHOLDER)
+    # The post-instruction tokens are the template tokens after the user's text (e.g. " [/INST]"),
+    # where refusal directions are read (Arditi et al.). Count them in context: tokenise a real
+    # prompt with and without the suffix.
+    probe = "Hello there"
+    with_suffix = tokenizer(prefix + probe + suffix, add_special_tokens=False)["input_ids"]
+    without = tokenizer(prefix + probe, add_special_tokens=False)["input_ids"]
+    n_post = len(with_suffix) - len(without)
+    if with_suffix[: len(without)] != without or n_post <= 0:
+        # Tokenisation merged across the boundary; count the suffix on its own instead.
+        n_post = max(1, len(tokenizer(suffix, add_special_tokens=False)["input_ids"]))
+    return ChatFormat(prefix, suffix, n_post), system_inline
+
+
+def format_prompts(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[str]:
+    """Each prompt wrapped by the model's chat template (with the generation prompt)."""
+    _, system_inline = chat_format(cfg, tokenizer)
+    out: list[str] = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template(
+            _messages(cfg, prompt, system_inline), tokenize=False, add_generation_prompt=True
+        )
+        assert isinstance(text, str)
+        out.append(text)
+    return out
+
+
+def encode_prompts(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_prompt_tokens: int
+) -> list[list[int]]:
+    """Token ids of each chat-formatted prompt (the template already holds BOS).
+
+    A prompt longer than `max_prompt_tokens` is an error rather than silently truncated:
+    truncation would cut the post-instruction tokens that the study reads.
+    """
+    texts = format_prompts(cfg, tokenizer, prompts)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    too_long = [(i, len(x)) for i, x in enumerate(ids) if len(x) > max_prompt_tokens]
+    if too_long:
+        i, n = too_long[0]
+        raise ConfigError(
+            f"inference.max_prompt_tokens: {len(too_long)} prompts exceed {max_prompt_tokens} tokens "
+            f"(e.g. prompt {i} has {n}); raise the limit or filter the data"
+        )
+    return [list(x) for x in ids]
