@@ -57,11 +57,11 @@ class CollectPlan:
 def tokens_per_prompt(n_prompt: int, n_post: int, max_new_tokens: int, positions: Positions) -> int:
     """Upper bound of the tokens stored for one prompt under a positions policy."""
     return {
-        Positions.ALL: n_prompt + max_new_tokens,
-        Positions.PROMPT: n_prompt,
-        Positions.LAST_PROMPT: 1,
-        Positions.POST_INSTRUCTION: n_post,
-        Positions.GENERATED: max_new_tokens,
+        Positions.all: n_prompt + max_new_tokens,
+        Positions.prompt: n_prompt,
+        Positions.last_prompt: 1,
+        Positions.post_instruction: n_post,
+        Positions.generated: max_new_tokens,
     }[positions]
 
 
@@ -126,13 +126,13 @@ def recorded_columns(inf: InferenceConfig, seq: int, n_post: int) -> tuple[int, 
     if not inf.save_activations:
         return 0, 0
     prompt_cols = {
-        Positions.ALL: seq,
-        Positions.PROMPT: seq,
-        Positions.LAST_PROMPT: 1,
-        Positions.POST_INSTRUCTION: min(n_post, seq),
-        Positions.GENERATED: 0,
+        Positions.all: seq,
+        Positions.prompt: seq,
+        Positions.last_prompt: 1,
+        Positions.post_instruction: min(n_post, seq),
+        Positions.generated: 0,
     }[inf.positions]
-    decode_cols = inf.max_new_tokens if inf.positions in (Positions.ALL, Positions.GENERATED) else 0
+    decode_cols = inf.max_new_tokens if inf.positions in (Positions.all, Positions.generated) else 0
     return prompt_cols, decode_cols
 
 

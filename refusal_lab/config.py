@@ -40,55 +40,59 @@ def _raise(errors: list[str]) -> None:
 
 
 class Device(str, Enum):
-    AUTO = "auto"
-    CUDA = "cuda"
-    CPU = "cpu"
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
 
 
 class TorchDtype(str, Enum):
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    FLOAT32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
 
 
 class Positions(str, Enum):
-    """Which tokens' activations the collect stage stores."""
+    """Which tokens' activations the collect stage stores.
 
-    ALL = "all"  # every prompt token, post-instruction template token and generated token
-    PROMPT = "prompt"  # prompt tokens incl. the post-instruction template tokens, no generated ones
-    LAST_PROMPT = "last_prompt"  # only the last prompt token (where the first response token is predicted)
-    POST_INSTRUCTION = "post_instruction"  # only the template tokens after the user message (e.g. " [/INST]")
-    GENERATED = "generated"  # only the generated tokens
+    Member names are lowercase on purpose: OmegaConf 2.3 matches YAML values against member
+    *names*, so `positions: last_prompt` must name a member `last_prompt`.
+    """
+
+    all = "all"  # every prompt token, post-instruction template token and generated token
+    prompt = "prompt"  # prompt tokens incl. the post-instruction template tokens, no generated ones
+    last_prompt = "last_prompt"  # only the last prompt token (where the first response token is predicted)
+    post_instruction = "post_instruction"  # only the template tokens after the user message (e.g. " [/INST]")
+    generated = "generated"  # only the generated tokens
 
 
 class StoreDtype(str, Enum):
     """How activations are encoded on disk (Zarr has no bfloat16)."""
 
-    FLOAT16 = "float16"  # converted; values beyond float16's range are counted as overflows
-    RAW = "raw"  # the model dtype's raw bits (uint16 for bf16/fp16, float32 as is), dtype in attrs
+    float16 = "float16"  # converted; values beyond float16's range are counted as overflows
+    raw = "raw"  # the model dtype's raw bits (uint16 for bf16/fp16, float32 as is), dtype in attrs
 
 
 class DataSource(str, Enum):
-    EMBEDDED = "embedded"  # the organism's held-out prompts shipped in the package
-    OR_BENCH = "or_bench"  # OR-Bench csv files from a local folder
-    HF = "hf"  # OR-Bench from the HF hub via `datasets` (needs network or a warm cache)
-    TABLE = "table"  # any CSV/JSON/JSONL prompt file with a column mapping
+    embedded = "embedded"  # the organism's held-out prompts shipped in the package
+    or_bench = "or_bench"  # OR-Bench csv files from a local folder
+    hf = "hf"  # OR-Bench from the HF hub via `datasets` (needs network or a warm cache)
+    table = "table"  # any CSV/JSON/JSONL prompt file with a column mapping
 
 
 class BalanceStrategy(str, Enum):
-    USE_ALL = "use_all"
-    EQUALIZE = "equalize"
+    use_all = "use_all"
+    equalize = "equalize"
 
 
 class Stage(str, Enum):
-    COLLECT = "collect"
-    SAE = "sae"
+    collect = "collect"
+    sae = "sae"
 
 
 class WandbMode(str, Enum):
-    DISABLED = "disabled"
-    OFFLINE = "offline"
-    ONLINE = "online"
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
 
 
 @dataclass
@@ -99,9 +103,9 @@ class ModelConfig:
     """HF hub id or local path; `organism` selects the tiny chat model shipped in the package."""
     revision: str | None = None
     """Hub revision (commit hash) to pin; None takes the default branch."""
-    device: Device = Device.AUTO
+    device: Device = Device.auto
     """cuda, cpu, or auto (cuda when available)."""
-    torch_dtype: TorchDtype = TorchDtype.FLOAT32
+    torch_dtype: TorchDtype = TorchDtype.float32
     """Dtype the weights are loaded in."""
     trust_remote_code: bool = False
     """Passed to from_pretrained; keep false unless you have read the model's code."""
@@ -149,9 +153,9 @@ class InferenceConfig:
     """Greedy tokens generated per prompt (0 = prompt only, no response)."""
     save_activations: bool = True
     """False runs generation and judging only (no activation store is written)."""
-    positions: Positions = Positions.ALL
+    positions: Positions = Positions.all
     """Which tokens are stored: all | prompt | last_prompt | post_instruction | generated."""
-    store_dtype: StoreDtype = StoreDtype.FLOAT16
+    store_dtype: StoreDtype = StoreDtype.float16
     """float16 (overflows counted) or raw (model dtype bits)."""
     chunk_tokens: int = 1024
     """Zarr chunk length along the token axis."""
@@ -176,7 +180,7 @@ class InferenceConfig:
         )
         _check(
             errors,
-            not (self.positions == Positions.GENERATED and self.max_new_tokens == 0),
+            not (self.positions == Positions.generated and self.max_new_tokens == 0),
             "inference.positions: 'generated' stores nothing when inference.max_new_tokens is 0",
         )
         _check(errors, self.chunk_tokens > 0, f"inference.chunk_tokens: {self.chunk_tokens} must be > 0")
@@ -194,7 +198,7 @@ class InferenceConfig:
 class DataConfig:
     """Which prompts are run; see refusal_lab.data for the formats."""
 
-    source: DataSource = DataSource.EMBEDDED
+    source: DataSource = DataSource.embedded
     """embedded | or_bench (local folder of OR-Bench csv files) | hf (bench-llm/or-bench) | table (any file)."""
     path: str = EMBEDDED_DATA
     """Folder (or_bench), file (table), or `embedded`."""
@@ -214,7 +218,7 @@ class DataConfig:
     """table: category when `category_column` is None or a row's category is empty."""
     categories: list[str] = field(default_factory=list)
     """Keep only these categories; empty keeps all."""
-    category_balance_strategy: BalanceStrategy = BalanceStrategy.USE_ALL
+    category_balance_strategy: BalanceStrategy = BalanceStrategy.use_all
     """use_all keeps every prompt; equalize samples every (category, label) cell down to the smallest."""
     seed: int = 0
     """Seed for balancing and the limit's subsample."""
@@ -246,7 +250,7 @@ class DataConfig:
 class TrackingConfig:
     """Weights & Biases logging (offline by default: nothing leaves the machine)."""
 
-    wandb: WandbMode = WandbMode.OFFLINE
+    wandb: WandbMode = WandbMode.offline
     project: str = "refusal_lab"
     entity: str | None = None
     run_name: str | None = None
@@ -262,7 +266,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    stages: list[Stage] = field(default_factory=lambda: [Stage.COLLECT, Stage.SAE])
+    stages: list[Stage] = field(default_factory=lambda: [Stage.collect, Stage.sae])
     """Stages to run, in pipeline order; a stage whose committed result exists is skipped."""
     artifacts_dir: str = "artifacts"
     """Root of the fingerprint-keyed stage outputs, shared by runs and sweeps (relative: to the launch dir)."""

@@ -32,9 +32,9 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 
 
 def resolve_device(device: Device) -> torch.device:
-    if device == Device.AUTO:
+    if device == Device.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == Device.CUDA and not torch.cuda.is_available():
+    if device == Device.cuda and not torch.cuda.is_available():
         raise ConfigError("model.device: 'cuda' was requested but no CUDA device is visible; use cpu or auto")
     return torch.device(device.value)
 

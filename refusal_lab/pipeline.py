@@ -83,16 +83,16 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     plan = plan_collect(cfg, tokenizer, prompts)
     collect_fp = fingerprint(collect_fingerprint(cfg, plan, prompts_fingerprint(prompts)))
     store_path = (launch_dir / cfg.store_path).resolve() if cfg.store_path else artifacts / "collect" / f"{collect_fp}.zarr"
-    if Stage.COLLECT in cfg.stages:
+    if Stage.collect in cfg.stages:
         check_disk(plan, store_path)
     sae_fp = fingerprint({"store": collect_fp, "sae": to_plain(cfg.sae), "seed": cfg.seed})
     run_fp = fingerprint({"collect": collect_fp, "sae": sae_fp, "stages": [s.value for s in cfg.stages]})
     summary: dict[str, Any] = _check_run_dir(run_dir, run_fp)
-    summary.update({"run_fingerprint": run_fp, "stages": [s.value for s in cfg.stages], "data": report.as_dict()})
+    summary.update({"run_fingerprint": run_fp, "stages": [s.value for s in cfg.stages], "data": report.to_dict()})
 
     tracker = make_tracker(cfg.tracking, run_dir, to_plain(cfg), name=f"{cfg.model.name.split('/')[-1]}-{run_dir.name}")
     try:
-        if Stage.COLLECT in cfg.stages:
+        if Stage.collect in cfg.stages:
             attrs = {
                 "model": cfg.model.name,
                 "revision": cfg.model.revision,
@@ -106,7 +106,7 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
             summary["collect"] = collect_summary(store_path)
             tracker.summary({"collect/" + k: v for k, v in summary["collect"]["refusal_rate"]["by_label"].items()})
             write_json_atomic(run_dir / SUMMARY, summary)
-        if Stage.SAE in cfg.stages:
+        if Stage.sae in cfg.stages:
             from refusal_lab.sae.stage import run_sae_stage
 
             results = run_sae_stage(

@@ -74,6 +74,6 @@ class WandbTracker:
 
 
 def make_tracker(cfg: TrackingConfig, run_dir: Path, config: dict[str, Any], name: str) -> Tracker:
-    if cfg.wandb == WandbMode.DISABLED:
+    if cfg.wandb == WandbMode.disabled:
         return NullTracker()
     return WandbTracker(cfg, run_dir, config, name)

@@ -1,0 +1,151 @@
+"""The collect stage end to end on tiny Llama/Mistral models: the store holds the right tokens.
+
+Every stored activation is compared with an independent unpadded forward pass over the
+sample's prompt + response (`output_hidden_states` and plain module hooks), which checks the
+recorder, the gather of valid cells, positions, phases and padding together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from refusal_lab.config import (
+    DataConfig,
+    DataSource,
+    Device,
+    InferenceConfig,
+    ModelConfig,
+    Positions,
+    RunConfig,
+    Stage,
+    TrackingConfig,
+    WandbMode,
+)
+from refusal_lab.pipeline import run
+from refusal_lab.store import ActivationStore, Phase
+
+N_PROMPTS = 7
+
+
+def make_cfg(model_dir: Path, shared_data: Path, tmp: Path, **inference) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(
+            name=str(model_dir),
+            device=Device.cpu,
+            local_files_only=True,
+            activation_layers=["all", "mlp_1", "attention_0-1"],
+            refusal_tokens=["▁I"],
+        ),
+        inference=InferenceConfig(batch_size="3", max_new_tokens=inference.pop("max_new_tokens", 6), **inference),
+        data=DataConfig(source=DataSource.or_bench, path=str(shared_data / "or_bench"), limit=N_PROMPTS),
+        tracking=TrackingConfig(wandb=WandbMode.disabled),
+        stages=[Stage.collect],
+        artifacts_dir=str(tmp / "artifacts"),
+    )
+
+
+def reference(model, sequence: list[int]) -> dict[str, torch.Tensor]:
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(_m, _a, out):
+            outputs[name] = (out[0] if isinstance(out, tuple) else out)[0]
+
+        return hook
+
+    handles = [model.model.layers[1].mlp.register_forward_hook(keep("mlp_1"))]
+    handles += [model.model.layers[i].self_attn.register_forward_hook(keep(f"attention_{i}")) for i in (0, 1)]
+    with torch.no_grad():
+        out = model(torch.tensor([sequence]), output_hidden_states=True)
+    for handle in handles:
+        handle.remove()
+    for layer in range(len(model.model.layers)):
+        outputs[f"residuals_{layer}"] = out.hidden_states[layer][0]
+    return outputs
+
+
+def stored_by_sample(store: ActivationStore) -> dict[int, np.ndarray]:
+    tokens = store.tokens()
+    return {int(s): np.flatnonzero(tokens["sample_id"] == s) for s in np.unique(tokens["sample_id"])}
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_mistral"])
+def test_store_equals_full_forward_for_every_token(kind, request, shared_data, tmp_path):
+    cfg = make_cfg(request.getfixturevalue(kind), shared_data, tmp_path)
+    summary = run(cfg, tmp_path / "run", tmp_path)
+    store = ActivationStore.open(Path(summary["collect"]["store"]))
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.name).eval()
+    samples = store.samples()
+    tokens = store.tokens()
+    assert store.n_samples == N_PROMPTS and sorted(samples["sample_id"]) == list(range(N_PROMPTS))
+    assert store.hook_points == ["residuals_0", "residuals_1", "residuals_2", "mlp_1", "attention_0", "attention_1"]
+    n_post = None
+    for row, sample in enumerate(samples["sample_id"]):
+        idx = stored_by_sample(store)[int(sample)]
+        n_prompt, n_gen = int(samples["n_prompt_tokens"][row]), int(samples["n_generated_tokens"][row])
+        # Every real token once, no padding: positions 0..n-1 in order, phases prompt -> template -> generated.
+        assert tokens["position"][idx].tolist() == list(range(n_prompt + n_gen))
+        phases = tokens["phase"][idx]
+        assert (np.diff(phases) >= 0).all() and phases[0] == Phase.PROMPT
+        assert (phases == Phase.GENERATED).sum() == n_gen
+        n_post = n_post or int((phases == Phase.POST_INSTRUCTION).sum())
+        assert int((phases == Phase.POST_INSTRUCTION).sum()) == n_post > 0
+        sequence = tokens["token_id"][idx].tolist()
+        assert sequence[0] == 1  # BOS from the chat template
+        want = reference(model, sequence)
+        for hook in store.hook_points:
+            got = store.read(hook, int(idx[0]), int(idx[-1]) + 1)
+            np.testing.assert_allclose(got, want[hook].numpy(), atol=2e-3, rtol=2e-3, err_msg=f"{hook} sample {sample}")
+    assert summary["collect"]["tokens"] == len(tokens["sample_id"])
+    assert set(summary["collect"]["refusal_rate"]["by_label"]) <= {"safe", "toxic"}
+
+
+@pytest.mark.parametrize(
+    ("positions", "phases"),
+    [
+        (Positions.last_prompt, {Phase.POST_INSTRUCTION}),
+        (Positions.post_instruction, {Phase.POST_INSTRUCTION}),
+        (Positions.prompt, {Phase.PROMPT, Phase.POST_INSTRUCTION}),
+        (Positions.generated, {Phase.GENERATED}),
+    ],
+)
+def test_positions_policy_keeps_exactly_its_tokens(positions, phases, tiny_llama, shared_data, tmp_path):
+    full = run(make_cfg(tiny_llama, shared_data, tmp_path / "a"), tmp_path / "run_full", tmp_path)
+    part = run(make_cfg(tiny_llama, shared_data, tmp_path / "b", positions=positions), tmp_path / "run_part", tmp_path)
+    full_store = ActivationStore.open(Path(full["collect"]["store"]))
+    part_store = ActivationStore.open(Path(part["collect"]["store"]))
+    ft, pt = full_store.tokens(), part_store.tokens()
+    assert set(np.unique(pt["phase"]).tolist()) == {int(p) for p in phases}
+    if positions == Positions.last_prompt:
+        assert len(pt["sample_id"]) == N_PROMPTS
+    # The same cells as the full store, selected by the policy.
+    full_keys = {(s, p): i for i, (s, p) in enumerate(zip(ft["sample_id"], ft["position"], strict=True))}
+    for i, (s, p, phase) in enumerate(zip(pt["sample_id"], pt["position"], pt["phase"], strict=True)):
+        j = full_keys[(s, p)]
+        assert ft["phase"][j] == phase
+        np.testing.assert_array_equal(part_store.read("residuals_1", i, i + 1), full_store.read("residuals_1", j, j + 1))
+    selected = {
+        Positions.prompt: ft["phase"] != Phase.GENERATED,
+        Positions.generated: ft["phase"] == Phase.GENERATED,
+        Positions.post_instruction: ft["phase"] == Phase.POST_INSTRUCTION,
+    }
+    if positions in selected:
+        assert len(pt["sample_id"]) == int(selected[positions].sum())
+
+
+def test_rerun_is_skipped_and_other_config_gets_another_store(tiny_llama, shared_data, tmp_path):
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path)
+    first = run(cfg, tmp_path / "r1", tmp_path)
+    store = Path(first["collect"]["store"])
+    mtime = (store / "manifest.json").stat().st_mtime_ns
+    again = run(cfg, tmp_path / "r2", tmp_path)
+    assert again["collect"]["store"] == str(store)
+    assert (store / "manifest.json").stat().st_mtime_ns == mtime, "a complete store must not be rewritten"
+    other = run(replace(cfg, inference=replace(cfg.inference, max_new_tokens=3)), tmp_path / "r3", tmp_path)
+    assert other["collect"]["store"] != str(store)
