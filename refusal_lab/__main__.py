@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from refusal_lab.config import ConfigError, RunConfig, register_configs
+from refusal_lab.store import StoreMismatchError
 
 log = logging.getLogger("refusal_lab")
 
@@ -37,7 +38,7 @@ def main(dict_cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, run_dir, Path(os.getcwd()))
-    except ConfigError as err:
+    except (ConfigError, StoreMismatchError) as err:
         log.error("invalid input: %s", err)
         raise SystemExit(2) from err
 

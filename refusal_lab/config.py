@@ -14,6 +14,7 @@ from enum import Enum
 
 from hydra.core.config_store import ConfigStore
 
+from refusal_lab.errors import ConfigError
 from refusal_lab.layers import parse_layer_spec
 from refusal_lab.sae.config import SaeConfig
 
@@ -22,10 +23,6 @@ EMBEDDED_MODEL = "organism"
 
 EMBEDDED_DATA = "embedded"
 """`data.path` value that selects the held-out prompt set shipped with the organism."""
-
-
-class ConfigError(ValueError):
-    """A config value that is invalid; the message names the key, the value and what is valid."""
 
 
 def _check(errors: list[str], ok: bool, message: str) -> None:

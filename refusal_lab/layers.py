@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from refusal_lab.errors import ConfigError
+
 
 class Site(str, Enum):
     """Where in a decoder layer a hook reads."""
@@ -70,7 +72,7 @@ VALID_FORMS = (
 )
 
 
-class LayerSpecError(ValueError):
+class LayerSpecError(ConfigError):
     """A layer spec that is malformed or out of range; the message names the key and valid forms."""
 
 
