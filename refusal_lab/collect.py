@@ -180,7 +180,8 @@ class BatchRunner:
         self.recorder = ActivationRecorder(model, points, store_dtype_model)
         self.refusal_ids = refusal_token_ids(tokenizer, cfg.model.refusal_tokens)
         eos = tokenizer.eos_token_id
-        self.eos_ids = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+        assert isinstance(eos, int), "a chat model's tokenizer has an EOS token"
+        self.eos_ids = [eos]
         generation_eos = getattr(model.generation_config, "eos_token_id", None)
         if generation_eos is not None:
             extra = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos)
@@ -223,7 +224,7 @@ class BatchRunner:
         samples: list[SampleRecord] = []
         for row, index in enumerate(indices):
             prompt = prompts[index]
-            response = self.tokenizer.decode(tokens[row, : n_generated[row]].tolist(), skip_special_tokens=True)
+            response = str(self.tokenizer.decode(tokens[row, : n_generated[row]].tolist(), skip_special_tokens=True))
             samples.append(
                 SampleRecord(
                     sample_id=prompt.sample_id,

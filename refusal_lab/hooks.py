@@ -25,13 +25,18 @@ from refusal_lab.layers import HookPoint, Site
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """`model.model.layers`, the one structural assumption refusal_lab makes about a decoder."""
+    layers = model.get_submodule("model.layers")
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
 def module_for(model: nn.Module, point: HookPoint) -> nn.Module:
-    layer = model.model.layers[point.layer]  # type: ignore[index,union-attr]
+    layer = decoder_layers(model)[point.layer]
     if point.site == Site.RESIDUALS:
         return layer
-    if point.site == Site.MLP:
-        return layer.mlp
-    return layer.self_attn
+    return layer.get_submodule("mlp" if point.site == Site.MLP else "self_attn")
 
 
 def _pre_hook(fn: HookFn) -> Callable[..., Any]:
@@ -97,7 +102,7 @@ class ActivationRecorder:
     def reset(self, batch: int, prompt_columns: int, decode_columns: int) -> None:
         """Prepare buffers for one batch ([B, prompt_columns + decode_columns, D] per hook point)."""
         width = prompt_columns + decode_columns
-        d_model = self.model.config.hidden_size  # type: ignore[union-attr]
+        d_model = int(self.model.get_parameter("model.embed_tokens.weight").shape[1])
         for point in self.points:
             buf = self.buffers.get(point)
             if buf is None or buf.shape[0] < batch or buf.shape[1] < width:

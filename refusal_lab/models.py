@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.config import EMBEDDED_MODEL, ConfigError, Device, ModelConfig
+from refusal_lab.hooks import decoder_layers
 from refusal_lab.layers import HookPoint, expand_layer_spec
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load {cfg.name!r} ({err.__class__.__name__}: {err})") from err
     if cfg.device_map is None:
-        model = model.to(resolve_device(cfg.device))
+        torch.nn.Module.to(model, resolve_device(cfg.device))  # HF types `.to` too narrowly for pyright
     model.eval()
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise ConfigError(
@@ -98,7 +99,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 
 def n_layers(model: PreTrainedModel) -> int:
-    return len(model.model.layers)  # type: ignore[union-attr]
+    return len(decoder_layers(model))
 
 
 def hook_points_for(cfg: ModelConfig, model: PreTrainedModel) -> list[HookPoint]:
@@ -107,7 +108,9 @@ def hook_points_for(cfg: ModelConfig, model: PreTrainedModel) -> list[HookPoint]
 
 
 def input_device(model: PreTrainedModel) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    weight = model.get_input_embeddings().weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.device
 
 
 @dataclass(frozen=True)
