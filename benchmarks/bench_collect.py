@@ -142,7 +142,7 @@ def main() -> None:
     ]:
         inf = InferenceConfig(batch_size=str(args.batch), max_new_tokens=max_new, positions=positions)
         cfg = RunConfig(model=replace(model_cfg, refusal_tokens=["▁I"]), inference=inf)
-        plan = CollectPlan(points, token_ids, order, fmt, model.config.hidden_size, len(model.model.layers), 0, 0)
+        plan = CollectPlan(points, token_ids, order, fmt, model.config.hidden_size, len(model.model.layers), 0, 0, 0, 4)
         store_path = work / f"store-{positions.value}.zarr"
         writer = StoreWriter.open(
             store_path, fingerprint=positions.value, hook_points=[p.name for p in points],

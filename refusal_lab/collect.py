@@ -52,6 +52,9 @@ class CollectPlan:
     n_layers: int
     estimated_tokens: int
     estimated_bytes: int
+    buffer_bytes_per_prompt: int
+    """Device memory of the capture buffers for one prompt of the longest batch."""
+    writer_queue: int
 
 
 def tokens_per_prompt(n_prompt: int, n_post: int, max_new_tokens: int, positions: Positions) -> int:
@@ -84,7 +87,12 @@ def plan_collect(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, prompts: li
     n_hooks = len(hook_points) if inf.save_activations else 0
     d_model = int(model_config.hidden_size)
     n_bytes = estimate_store_bytes(n_tokens, n_hooks, d_model, inf.store_dtype.value)
-    return CollectPlan(hook_points, token_ids, order, fmt, d_model, n_layers, n_tokens, n_bytes)
+    prompt_cols, decode_cols = recorded_columns(inf, max(map(len, token_ids)), fmt.n_post_instruction_tokens)
+    element = torch.finfo(getattr(torch, cfg.model.torch_dtype.value)).bits // 8
+    buffer_bytes = (prompt_cols + decode_cols) * d_model * element * n_hooks
+    return CollectPlan(
+        hook_points, token_ids, order, fmt, d_model, n_layers, n_tokens, n_bytes, buffer_bytes, inf.writer_queue
+    )
 
 
 def check_disk(plan: CollectPlan, store_path: Path) -> None:
@@ -103,6 +111,13 @@ def check_disk(plan: CollectPlan, store_path: Path) -> None:
         plan.estimated_bytes / max(1, len(plan.token_ids)) * 1000 / 1e6,
         free / 1e9,
         probe,
+    )
+    log.info(
+        "collect: capture buffers need %.1f MB of device memory per prompt in a batch (longest prompt %d tokens); "
+        "host memory is bounded by inference.writer_queue=%d batches in flight",
+        plan.buffer_bytes_per_prompt / 1e6,
+        max(map(len, plan.token_ids)),
+        plan.writer_queue,
     )
     if plan.estimated_bytes > free:
         raise ConfigError(

@@ -149,3 +149,31 @@ def test_rerun_is_skipped_and_other_config_gets_another_store(tiny_llama, shared
     assert (store / "manifest.json").stat().st_mtime_ns == mtime, "a complete store must not be rewritten"
     other = run(replace(cfg, inference=replace(cfg.inference, max_new_tokens=3)), tmp_path / "r3", tmp_path)
     assert other["collect"]["store"] != str(store)
+
+
+def test_out_of_memory_halves_the_batch_and_loses_no_sample(tiny_llama, shared_data, tmp_path, monkeypatch):
+    """`batch_size: auto` semantics on a fake device limit: batches over 2 prompts raise OOM."""
+    from refusal_lab import collect
+
+    real_run = collect.BatchRunner.run
+    sizes: list[int] = []
+
+    def limited(self, prompts, indices):
+        sizes.append(len(indices))
+        if len(indices) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(self, prompts, indices)
+
+    monkeypatch.setattr(collect.BatchRunner, "run", limited)
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path)
+    cfg = replace(cfg, inference=replace(cfg.inference, batch_size="auto"))
+    monkeypatch.setattr(collect, "CPU_AUTO_BATCH", 8)
+    summary = run(cfg, tmp_path / "run", tmp_path)
+    # 7 prompts fail -> 3 fail -> 1 fits, and the size that fit is kept for the rest.
+    assert sizes == [7, 3] + [1] * N_PROMPTS, sizes
+    store = ActivationStore.open(Path(summary["collect"]["store"]))
+    assert sorted(store.samples()["sample_id"]) == list(range(N_PROMPTS))
+
+    reference = run(make_cfg(tiny_llama, shared_data, tmp_path / "ref"), tmp_path / "ref_run", tmp_path)
+    ref_store = ActivationStore.open(Path(reference["collect"]["store"]))
+    assert store.n_tokens == ref_store.n_tokens
