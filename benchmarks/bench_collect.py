@@ -95,7 +95,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(dir=args.store_dir))
     model, tokenizer = build(args.arch, args.device, dtype, work)
     prompts = load_prompts(args.prompts)
-    model_cfg = ModelConfig(name="bench", activation_layers=args.layers.split(","), torch_dtype=replace_dtype(args.dtype))
+    model_cfg = ModelConfig(
+        name="bench", activation_layers=args.layers.split(","), torch_dtype=replace_dtype(args.dtype)
+    )
     token_ids = encode_prompts(model_cfg, tokenizer, [p.text for p in prompts], 4096)
     order = sorted(range(len(prompts)), key=lambda i: (-len(token_ids[i]), i))
     points = expand_layer_spec(model_cfg.activation_layers, len(model.model.layers))
@@ -126,8 +128,12 @@ def main() -> None:
     def plain_generate():
         for ids, mask in inputs:
             model.generate(
-                ids, attention_mask=mask, max_new_tokens=args.max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, min_new_tokens=args.max_new_tokens,
+                ids,
+                attention_mask=mask,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                min_new_tokens=args.max_new_tokens,
             )
 
     timed(lambda: model(input_ids=inputs[0][0][:2], attention_mask=inputs[0][1][:2]), device)  # warm-up
@@ -145,16 +151,21 @@ def main() -> None:
         plan = CollectPlan(points, token_ids, order, fmt, model.config.hidden_size, len(model.model.layers), 0, 0, 0, 4)
         store_path = work / f"store-{positions.value}.zarr"
         writer = StoreWriter.open(
-            store_path, fingerprint=positions.value, hook_points=[p.name for p in points],
-            d_model=model.config.hidden_size, model_dtype=dtype, chunk_tokens=inf.chunk_tokens, attrs={},
+            store_path,
+            fingerprint=positions.value,
+            hook_points=[p.name for p in points],
+            d_model=model.config.hidden_size,
+            model_dtype=dtype,
+            chunk_tokens=inf.chunk_tokens,
+            attrs={},
         )
         runner = BatchRunner(cfg, model, tokenizer, plan, dtype)
         # Like plain generate (min_new_tokens), never stop early: every prompt generates max_new tokens.
         runner.eos_ids = [-1]
         stats: dict[str, float] = {}
 
-        def collect(runner=runner, writer=writer, stats=stats):
-            with BackgroundWriter(writer, max_queue=inf.writer_queue) as sink:
+        def collect(runner=runner, writer=writer, stats=stats, queue=inf.writer_queue):
+            with BackgroundWriter(writer, max_queue=queue) as sink:
                 stats.update(run_batches(runner, prompts, order, 0, sink, progress_every_s=1e9))
             writer.finalize()
 
@@ -166,7 +177,9 @@ def main() -> None:
         key = positions.value
         results[f"collect_{key}_prompts_s"] = n / seconds
         results[f"disk_limited_{key}_prompts_s"] = disk_limited
-        results[f"compression_ratio_{key}"] = stats["tokens"] * len(points) * model.config.hidden_size * 2 / stored_bytes
+        results[f"compression_ratio_{key}"] = (
+            stats["tokens"] * len(points) * model.config.hidden_size * 2 / stored_bytes
+        )
         results[f"ratio_{key}"] = (n / seconds) / bound
         print(
             f"{key:>6}: collect {n / seconds:8.2f} prompts/s | plain {results[plain_key]:8.2f} | "

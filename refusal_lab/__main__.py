@@ -1,10 +1,10 @@
 """Entry point: compose the Hydra config, convert it to typed dataclasses once, run the pipeline.
 
-    python -m refusal_lab                                   # embedded organism, offline, CPU
-    python -m refusal_lab model=mistral_7b layers=all       # a GPU node
-    python -m refusal_lab --multirun hydra/launcher=slurm model=llama2_7b,mistral_7b
-    python -m refusal_lab --help                            # groups and options
-    python -m refusal_lab --cfg job                         # the composed config
+python -m refusal_lab                                   # embedded organism, offline, CPU
+python -m refusal_lab model=mistral_7b layers=all       # a GPU node
+python -m refusal_lab --multirun hydra/launcher=slurm model=llama2_7b,mistral_7b
+python -m refusal_lab --help                            # groups and options
+python -m refusal_lab --cfg job                         # the composed config
 """
 
 from __future__ import annotations

@@ -83,7 +83,9 @@ def plan_collect(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, prompts: li
     token_ids = encode_prompts(cfg.model, tokenizer, [p.text for p in prompts], cfg.inference.max_prompt_tokens)
     order = sorted(range(len(prompts)), key=lambda i: (-len(token_ids[i]), i))
     inf = cfg.inference
-    n_tokens = sum(tokens_per_prompt(len(t), fmt.n_post_instruction_tokens, inf.max_new_tokens, inf.positions) for t in token_ids)
+    n_tokens = sum(
+        tokens_per_prompt(len(t), fmt.n_post_instruction_tokens, inf.max_new_tokens, inf.positions) for t in token_ids
+    )
     n_hooks = len(hook_points) if inf.save_activations else 0
     d_model = int(model_config.hidden_size)
     n_bytes = estimate_store_bytes(n_tokens, n_hooks, d_model, inf.store_dtype.value)
@@ -169,7 +171,9 @@ def token_table(
     keep = torch.cat([mask_BT[:, cols].bool(), gen.valid_BM[:, :decode_cols]], dim=1)
     table = {
         "position": torch.cat([position_BT[:, cols], n_prompt_B[:, None] + steps[None, :]], dim=1),
-        "phase": torch.cat([phase_BT[:, cols], torch.full_like(gen.tokens_BM[:, :decode_cols], int(Phase.GENERATED))], 1),
+        "phase": torch.cat(
+            [phase_BT[:, cols], torch.full_like(gen.tokens_BM[:, :decode_cols], int(Phase.GENERATED))], 1
+        ),
         "token_id": torch.cat([ids_BT[:, cols], gen.tokens_BM[:, :decode_cols]], dim=1),
     }
     return keep, table
@@ -318,7 +322,13 @@ def run_batches(
         n_tokens += len(block.token_id)
         now = time.perf_counter()
         if now - last_report > progress_every_s or i == len(order):
-            log.info("collect: %d/%d prompts, %.0f stored tokens/s, batch %d", i, len(order), n_tokens / (now - t0), batch_size)
+            log.info(
+                "collect: %d/%d prompts, %.0f stored tokens/s, batch %d",
+                i,
+                len(order),
+                n_tokens / (now - t0),
+                batch_size,
+            )
             last_report = now
     elapsed = time.perf_counter() - t0
     return {"batch_size": float(batch_size), "seconds": elapsed, "tokens": float(n_tokens)}
@@ -385,10 +395,16 @@ def run_collect(
         log.info("collect: resuming after %d committed samples", start)
     model = load_model(cfg.model)
     if n_layers(model) != plan.n_layers:
-        raise ConfigError(f"model.name: {cfg.model.name} has {n_layers(model)} layers but its config says {plan.n_layers}")
+        raise ConfigError(
+            f"model.name: {cfg.model.name} has {n_layers(model)} layers but its config says {plan.n_layers}"
+        )
     runner = BatchRunner(cfg, model, tokenizer, plan, dtype)
     with BackgroundWriter(writer, max_queue=inf.writer_queue) as sink:
         stats = run_batches(runner, prompts, plan.order, start, sink)
     writer.finalize({"collect_stats": stats})
-    log.info("collect: %d prompts in %.1f s (%.0f stored tokens/s)", len(prompts) - start, stats["seconds"],
-             stats["tokens"] / max(stats["seconds"], 1e-9))
+    log.info(
+        "collect: %d prompts in %.1f s (%.0f stored tokens/s)",
+        len(prompts) - start,
+        stats["seconds"],
+        stats["tokens"] / max(stats["seconds"], 1e-9),
+    )

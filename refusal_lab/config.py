@@ -10,7 +10,7 @@ in Hydra's ConfigStore), so a misspelled key or a wrong type fails at compose ti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from hydra.core.config_store import ConfigStore
 
@@ -36,19 +36,19 @@ def _raise(errors: list[str]) -> None:
         raise ConfigError("; ".join(errors))
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     auto = "auto"
     cuda = "cuda"
     cpu = "cpu"
 
 
-class TorchDtype(str, Enum):
+class TorchDtype(StrEnum):
     float16 = "float16"
     bfloat16 = "bfloat16"
     float32 = "float32"
 
 
-class Positions(str, Enum):
+class Positions(StrEnum):
     """Which tokens' activations the collect stage stores.
 
     Member names are lowercase on purpose: OmegaConf 2.3 matches YAML values against member
@@ -62,31 +62,31 @@ class Positions(str, Enum):
     generated = "generated"  # only the generated tokens
 
 
-class StoreDtype(str, Enum):
+class StoreDtype(StrEnum):
     """How activations are encoded on disk (Zarr has no bfloat16)."""
 
     float16 = "float16"  # converted; values beyond float16's range are counted as overflows
     raw = "raw"  # the model dtype's raw bits (uint16 for bf16/fp16, float32 as is), dtype in attrs
 
 
-class DataSource(str, Enum):
+class DataSource(StrEnum):
     embedded = "embedded"  # the organism's held-out prompts shipped in the package
     or_bench = "or_bench"  # OR-Bench csv files from a local folder
     hf = "hf"  # OR-Bench from the HF hub via `datasets` (needs network or a warm cache)
     table = "table"  # any CSV/JSON/JSONL prompt file with a column mapping
 
 
-class BalanceStrategy(str, Enum):
+class BalanceStrategy(StrEnum):
     use_all = "use_all"
     equalize = "equalize"
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     collect = "collect"
     sae = "sae"
 
 
-class WandbMode(str, Enum):
+class WandbMode(StrEnum):
     disabled = "disabled"
     offline = "offline"
     online = "online"

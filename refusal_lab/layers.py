@@ -18,12 +18,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from refusal_lab.errors import ConfigError
 
 
-class Site(str, Enum):
+class Site(StrEnum):
     """Where in a decoder layer a hook reads."""
 
     RESIDUALS = "residuals"

@@ -145,7 +145,9 @@ def chat_format(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[C
         if cfg.system_prompt is None:
             raise
         system_inline = True
-        text = tokenizer.apply_chat_template(_messages(cfg, _PLACEHOLDER, True), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            _messages(cfg, _PLACEHOLDER, True), tokenize=False, add_generation_prompt=True
+        )
     assert isinstance(text, str) and _PLACEHOLDER in text
     prefix, suffix = text.split(_PLACEHOLDER)
     # The post-instruction tokens are the template tokens after the user's text (e.g. " [/INST]"),

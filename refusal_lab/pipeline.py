@@ -82,7 +82,9 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     plan = plan_collect(cfg, tokenizer, prompts)
     collect_fp = fingerprint(collect_fingerprint(cfg, plan, prompts_fingerprint(prompts)))
-    store_path = (launch_dir / cfg.store_path).resolve() if cfg.store_path else artifacts / "collect" / f"{collect_fp}.zarr"
+    store_path = (
+        (launch_dir / cfg.store_path).resolve() if cfg.store_path else artifacts / "collect" / f"{collect_fp}.zarr"
+    )
     if Stage.collect in cfg.stages:
         check_disk(plan, store_path)
     sae_fp = fingerprint({"store": collect_fp, "sae": to_plain(cfg.sae), "seed": cfg.seed})

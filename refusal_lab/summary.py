@@ -44,12 +44,15 @@ def collect_summary(store_path: Path) -> dict[str, Any]:
             "by_category": {k: v["rate"] for k, v in by_category.items()},
             "n_by_label": {k: v["n"] for k, v in by_label.items()},
             "by_category_label": {
-                k: v["rate"] for k, v in _rates([f"{c}/{lab}" for c, lab in zip(categories, labels, strict=True)], refused).items()
+                k: v["rate"]
+                for k, v in _rates([f"{c}/{lab}" for c, lab in zip(categories, labels, strict=True)], refused).items()
             },
         },
         "refusal_score": {
             "rate_positive_by_label": {k: v["rate"] for k, v in _rates(labels, score > 0).items()},
-            "mean_by_label": {lab: float(score[[i for i, x in enumerate(labels) if x == lab]].mean()) for lab in sorted(set(labels))},
+            "mean_by_label": {
+                lab: float(score[[i for i, x in enumerate(labels) if x == lab]].mean()) for lab in sorted(set(labels))
+            },
             "judge_agreement": float(np.mean(refused == (score > 0))) if len(refused) else float("nan"),
         },
         "overflow_counts": store.overflow_counts(),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -217,7 +217,7 @@ class WindowStream:
         for e in itertools.count(epoch):
             yield from self.windows(e)
 
-    def batches(self, start_step: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    def batches(self, start_step: int = 0) -> Generator[tuple[int, np.ndarray], None, None]:
         """Yield (step, acts [H, B, D]) forever, starting at `start_step`, exactly as an unbroken run would."""
         epoch, offset = divmod(start_step * self.batch_size, self.n_rows)  # position in the endless epoch sequence
         windows = self._windows_from(epoch)

@@ -125,6 +125,8 @@ class TrainOutput:
 class Sae(nn.Module):
     """One sparse autoencoder; `architecture` picks the sparsity mechanism."""
 
+    threshold: torch.Tensor
+
     def __init__(self, d_in: int, d_sae: int, architecture: Architecture, k: int = 32) -> None:
         super().__init__()
         if architecture in (Architecture.topk, Architecture.batchtopk) and not 1 <= k <= d_sae:

@@ -76,7 +76,9 @@ def test_recorded_activations_match_full_forward(kind, stop_early, request):
     with hooks_registered(model, recorder.hook_fns()):
         gen = generate_greedy(model, ids, mask, max_new, eos, PAD, recorder, record_generated=True)
 
-    hf = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    hf = model.generate(
+        ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=PAD, eos_token_id=eos
+    )
     for b in range(len(rows)):
         n_gen = int(gen.valid_BM[b].sum())
         assert hf[b, ids.shape[1] : ids.shape[1] + n_gen].tolist() == gen.tokens_BM[b, :n_gen].tolist()

@@ -129,7 +129,9 @@ def test_positions_policy_keeps_exactly_its_tokens(positions, phases, tiny_llama
     for i, (s, p, phase) in enumerate(zip(pt["sample_id"], pt["position"], pt["phase"], strict=True)):
         j = full_keys[(s, p)]
         assert ft["phase"][j] == phase
-        np.testing.assert_array_equal(part_store.read("residuals_1", i, i + 1), full_store.read("residuals_1", j, j + 1))
+        np.testing.assert_array_equal(
+            part_store.read("residuals_1", i, i + 1), full_store.read("residuals_1", j, j + 1)
+        )
     selected = {
         Positions.prompt: ft["phase"] != Phase.GENERATED,
         Positions.generated: ft["phase"] == Phase.GENERATED,

@@ -71,8 +71,13 @@ def arrays(path: Path) -> dict[str, np.ndarray]:
 def test_sigkill_then_rerun_equals_uninterrupted(kill_after, tiny_llama, shared_data, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     reference = tmp_path / "reference.zarr"
-    subprocess.run(command(tiny_llama, shared_data, reference, tmp_path / "ref_run"), check=True, env=env, cwd=REPO,
-                   capture_output=True)
+    subprocess.run(
+        command(tiny_llama, shared_data, reference, tmp_path / "ref_run"),
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+    )
 
     store = tmp_path / "killed.zarr"
     cmd = command(tiny_llama, shared_data, store, tmp_path / "run")
