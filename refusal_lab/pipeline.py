@@ -23,7 +23,7 @@ import torch
 from refusal_lab.collect import check_disk, collect_fingerprint, plan_collect, run_collect
 from refusal_lab.config import ConfigError, RunConfig, Stage
 from refusal_lab.data import load_prompts_with_report, prompts_fingerprint
-from refusal_lab.fingerprint import fingerprint, write_json_atomic
+from refusal_lab.fingerprint import exclusive, fingerprint, write_json_atomic
 from refusal_lab.models import load_model, load_tokenizer
 from refusal_lab.summary import collect_summary
 from refusal_lab.tracking import make_tracker
@@ -104,21 +104,24 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
                 "config": to_plain(cfg),
                 "versions": package_versions(),
             }
-            run_collect(cfg, prompts, tokenizer, plan, store_path, collect_fp, attrs)
+            with exclusive(store_path):
+                run_collect(cfg, prompts, tokenizer, plan, store_path, collect_fp, attrs)
             summary["collect"] = collect_summary(store_path)
             tracker.summary({"collect/" + k: v for k, v in summary["collect"]["refusal_rate"]["by_label"].items()})
             write_json_atomic(run_dir / SUMMARY, summary)
         if Stage.sae in cfg.stages:
             from refusal_lab.sae.stage import run_sae_stage
 
-            results = run_sae_stage(
-                cfg.sae,
-                store_path,
-                artifacts / "sae" / sae_fp,
-                model_loader=lambda: (load_model(cfg.model), tokenizer),
-                seed=cfg.seed,
-                tracker=tracker,
-            )
+            sae_dir = artifacts / "sae" / sae_fp
+            with exclusive(sae_dir):
+                results = run_sae_stage(
+                    cfg.sae,
+                    store_path,
+                    sae_dir,
+                    model_loader=lambda: (load_model(cfg.model), tokenizer),
+                    seed=cfg.seed,
+                    tracker=tracker,
+                )
             summary["sae"] = results
             write_json_atomic(run_dir / SUMMARY, summary)
     finally:

@@ -1,0 +1,224 @@
+"""`python -m refusal_lab --multirun` through hydra-submitit-launcher: local subprocesses and real SLURM.
+
+Runs the launchers of conf/hydra/launcher/ on the embedded organism (collect only, a few tokens):
+`local` (submitit_local) and `slurm` (submitit_slurm) on the single-node cluster that
+.ci/slurm.sh starts (sbatch, srun, slurmdbd accounting). Each sweep job must write its own
+summary.json in its own sweep subdir and its own store, and a SLURM job requeued mid-collect must
+resume from its store and still end the launcher's blocking call successfully.
+
+Without `sinfo` on PATH the SLURM tests skip, unless the env var CI is set (.ci/run starts SLURM
+there): then they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from refusal_lab.store import ActivationStore, Phase
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+COLLECT_ONLY = ["stages=[collect]", "tracking=disabled", "inference.max_new_tokens=4"]
+POSITIONS_SWEEP = [*COLLECT_ONLY, "data.limit=20", "inference.positions=last_prompt,post_instruction"]
+SLURM_LAUNCHER = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=debug",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=10",
+]
+ARRAY_TASK_DIR = re.compile(r"^(\d+)_(\d+)$")
+"""`.submitit/<array job id>_<task id>`: submitit submits a sweep of several jobs as one job array."""
+JOB_DIR = re.compile(r"^\d+$")
+"""`.submitit/<job id>`: a sweep of one job is a plain job."""
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """A SLURM cluster answering `sinfo` with a node that takes jobs."""
+    if shutil.which("sinfo") is None:
+        message = "no SLURM here (sinfo is not on PATH); .ci/slurm.sh sets up a single-node cluster as root"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {message}; .ci/run must run .ci/slurm.sh before pytest")
+        pytest.skip(message)
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    assert states.returncode == 0 and {"idle", "mixed", "allocated"} & set(states.stdout.split()), (
+        f"sinfo is on PATH but no node takes jobs (sinfo: {states.stdout.strip()!r} {states.stderr.strip()!r}); "
+        "run .ci/slurm.sh"
+    )
+
+
+def sweep_command(tmp: Path, *overrides: str) -> list[str]:
+    """`python -m refusal_lab --multirun` with its sweep folder and artifacts under `tmp`."""
+    paths = [f"hydra.sweep.dir={tmp / 'sweep'}", f"artifacts_dir={tmp / 'artifacts'}"]
+    return [sys.executable, "-m", "refusal_lab", "--multirun", *overrides, *paths]
+
+
+def multirun(tmp: Path, *overrides: str, timeout: float) -> subprocess.CompletedProcess:
+    cmd = sweep_command(tmp, *overrides)
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def job_dirs(sweep: Path) -> dict[int, Path]:
+    """Hydra job number -> the folder holding that job's summary.json."""
+    summaries = sorted(sweep.rglob("summary.json"))
+    return {int(OmegaConf.load(p.parent / ".hydra" / "hydra.yaml").hydra.job.num): p.parent for p in summaries}
+
+
+def check_positions_sweep(tmp: Path, result: subprocess.CompletedProcess) -> list[Path]:
+    """Both jobs of POSITIONS_SWEEP succeeded on their own; returns their submitit job folders."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep = tmp / "sweep"
+    jobs = job_dirs(sweep)
+    assert sorted(jobs) == [0, 1], jobs
+    nested = [d for d in jobs.values() if d.parent != sweep]
+    assert not nested, (
+        f"job folders are not direct subdirs of hydra.sweep.dir: {nested}; hydra.sweep.subdir "
+        "(${hydra.job.override_dirname}) turns the '/' of a path-valued override (artifacts_dir) into nested folders"
+    )
+    stores: dict[str, Path] = {}
+    for num, job_dir in jobs.items():
+        positions = OmegaConf.load(job_dir / ".hydra" / "config.yaml").inference.positions
+        summary = json.loads((job_dir / "summary.json").read_text())
+        assert summary["stages"] == ["collect"]
+        store_path = Path(summary["collect"]["store"])
+        assert store_path.parent == tmp / "artifacts" / "collect", store_path
+        store = ActivationStore.open(store_path)
+        assert store.attrs["config"]["inference"]["positions"] == positions
+        assert store.complete and store.n_samples == summary["collect"]["samples"] == 20
+        assert summary["collect"]["tokens"] == store.n_tokens
+        samples, tokens = store.samples(), store.tokens()
+        assert sorted(samples["sample_id"].tolist()) == list(range(20))
+        n_prompt = dict(zip(samples["sample_id"].tolist(), samples["n_prompt_tokens"].tolist(), strict=True))
+        ids, counts = np.unique(tokens["sample_id"], return_counts=True)
+        assert ids.tolist() == list(range(20)), f"job {num} ({positions}): every sample stores tokens"
+        last = np.array([n_prompt[s] - 1 for s in tokens["sample_id"].tolist()])
+        if positions == "last_prompt":
+            assert counts.tolist() == [1] * 20
+            assert (tokens["position"] == last).all()
+        else:
+            assert positions == "post_instruction", positions
+            assert (tokens["phase"] == int(Phase.POST_INSTRUCTION)).all()
+            n_post = int(counts[0])
+            assert n_post > 1 and (counts == n_post).all(), counts
+            assert (tokens["position"] > last - n_post).all() and (tokens["position"] <= last).all()
+        stores[positions] = store_path
+    assert sorted(stores) == ["last_prompt", "post_instruction"]
+    assert stores["last_prompt"] != stores["post_instruction"], "different positions must not share a store"
+    submitit = [d for d in (sweep / ".submitit").iterdir() if list(d.glob("*_result.pkl"))]
+    assert len(submitit) == 2, f"one submitit folder with a result per job: {submitit}"
+    return submitit
+
+
+def test_local_launcher_runs_each_job_in_its_own_subdir(tmp_path):
+    start = time.perf_counter()
+    result = multirun(tmp_path, "hydra/launcher=local", *POSITIONS_SWEEP, timeout=300)
+    check_positions_sweep(tmp_path, result)
+    print(f"local sweep of 2 jobs: {time.perf_counter() - start:.1f} s")
+
+
+def sacct_states(job_id: str, duplicates: bool = False, timeout: float = 60) -> list[str]:
+    """States of one job from SLURM accounting once it has ended, oldest first (duplicates: one per run).
+
+    The launcher returns when the job's result file appears, a moment before SLURM sees the job end.
+    """
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id, *(["-D"] if duplicates else [])]
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+        states = [line.split("|")[1] for line in out.splitlines() if line.split("|")[0] == job_id]
+        if states and states[-1] not in ("PENDING", "RUNNING", "COMPLETING") or time.time() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+@pytest.mark.slurm
+def test_slurm_launcher_runs_the_sweep_through_sbatch(slurm, tmp_path):
+    start = time.perf_counter()
+    result = multirun(tmp_path, *SLURM_LAUNCHER, *POSITIONS_SWEEP, timeout=300)
+    folders = check_positions_sweep(tmp_path, result)
+    job_ids = sorted(folder.name for folder in folders)
+    assert all(ARRAY_TASK_DIR.match(j) for j in job_ids), f"SLURM array task ids expected: {job_ids}"
+    array_ids = {ARRAY_TASK_DIR.match(j).group(1) for j in job_ids}  # type: ignore[union-attr]
+    assert len(array_ids) == 1, f"one sbatch (one job array) for the sweep: {job_ids}"
+    script = (tmp_path / "sweep" / ".submitit" / array_ids.pop()).glob("*_submission.sh")
+    script_text = next(script).read_text()
+    assert "#SBATCH --partition=debug" in script_text
+    assert "#SBATCH --requeue" in script_text and "export OMP_NUM_THREADS=" in script_text, (
+        "conf/hydra/launcher/slurm.yaml"
+    )
+    for job_id in job_ids:
+        assert sacct_states(job_id) == ["COMPLETED"], job_id
+    print(f"slurm sweep of 2 jobs ({', '.join(job_ids)}): {time.perf_counter() - start:.1f} s")
+
+
+def committed_samples(artifacts: Path) -> int:
+    for manifest in (artifacts / "collect").glob("*.zarr/manifest.json"):
+        try:
+            return int(json.loads(manifest.read_text())["committed_samples"])
+        except (json.JSONDecodeError, KeyError, FileNotFoundError):  # replaced atomically, but be lenient
+            return 0
+    return 0
+
+
+@pytest.mark.slurm
+def test_requeued_slurm_job_resumes_and_the_launcher_returns(slurm, tmp_path):
+    n_prompts = 200
+    # ~15 s of collect on 2 cores, committed every 2 samples: the requeue lands mid-collect.
+    cmd = sweep_command(tmp_path, *SLURM_LAUNCHER, *COLLECT_ONLY, f"data.limit={n_prompts}", "inference.batch_size=2")
+    start = time.perf_counter()
+    launcher_log = (tmp_path / "launcher.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=launcher_log, stderr=subprocess.STDOUT)
+    job_id = None
+    try:
+        deadline = time.time() + 180
+        while (done := committed_samples(tmp_path / "artifacts")) == 0:
+            assert proc.poll() is None, (
+                "the sweep ended before the store's first commit: " + (tmp_path / "launcher.log").read_text()[-3000:]
+            )
+            assert time.time() < deadline, "no committed sample after 180 s"
+            time.sleep(0.2)
+        (folder,) = [d for d in (tmp_path / "sweep" / ".submitit").iterdir() if JOB_DIR.match(d.name)]
+        job_id = folder.name
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        requeued_at = time.perf_counter() - start
+        assert proc.wait(timeout=240) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if job_id is not None and proc.returncode != 0:
+            subprocess.run(["scancel", job_id], timeout=30)
+        launcher_log.close()
+
+    assert sacct_states(job_id, duplicates=True) == ["REQUEUED", "COMPLETED"], "exactly two runs of the job"
+    (job_dir,) = job_dirs(tmp_path / "sweep").values()
+    log_text = (job_dir / "refusal_lab.log").read_text()
+    resumed = [int(n) for n in re.findall(r"collect: resuming after (\d+) committed samples", log_text)]
+    assert len(resumed) == 1 and done <= resumed[0] < n_prompts, (resumed, done)
+    assert log_text.count("store: created") == 1
+
+    summary = json.loads((job_dir / "summary.json").read_text())
+    store = ActivationStore.open(Path(summary["collect"]["store"]))
+    assert store.complete and store.n_samples == summary["collect"]["samples"] == n_prompts
+    sample_ids = store.samples()["sample_id"].tolist()
+    assert sorted(sample_ids) == list(range(n_prompts)), "every sample exactly once"
+    # Default positions (all): every sample's tokens form one contiguous run, in sample order.
+    token_ids = store.tokens()["sample_id"]
+    runs = token_ids[np.r_[True, token_ids[1:] != token_ids[:-1]]].tolist()
+    assert runs == sample_ids, "token rows of a sample must be contiguous and in the sample table's order"
+    print(
+        f"requeue at {requeued_at:.1f} s after {done} committed samples, resumed after {resumed[0]}; "
+        f"total {time.perf_counter() - start:.1f} s"
+    )
