@@ -37,6 +37,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARCHS = {
     # d_model >= 512 so that compute, not Python overhead, dominates on a CPU.
     "cpu-512": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "cpu-1024": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=16),
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
 }
 
