@@ -129,6 +129,23 @@ class TokenBlock:
     def n_tokens(self) -> int:
         return len(self.sample_id)
 
+    @classmethod
+    def concat(cls, blocks: list[TokenBlock]) -> TokenBlock:
+        """One block holding `blocks` in order (their pending copies waited for)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        for block in blocks:
+            if block.ready is not None:
+                block.ready()
+        return cls(
+            samples=[s for b in blocks for s in b.samples],
+            sample_id=np.concatenate([b.sample_id for b in blocks]),
+            position=np.concatenate([b.position for b in blocks]),
+            phase=np.concatenate([b.phase for b in blocks]),
+            token_id=np.concatenate([b.token_id for b in blocks]),
+            acts={hook: torch.cat([b.acts[hook] for b in blocks]) for hook in blocks[0].acts},
+        )
+
 
 class StoreMismatchError(ValueError):
     """The path holds something other than this run's store."""
@@ -451,10 +468,23 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        while (block := self._queue.get()) is not _STOP:
-            if self._error is None:  # after a failure keep draining, so submit/close never block forever
+        stop = False
+        while not stop:
+            blocks = [self._queue.get()]
+            # Coalesce whatever else is already waiting: each append has a fixed cost (one
+            # boundary-chunk rewrite per array, a manifest commit), so when the writer falls
+            # behind it catches up with fewer, larger appends instead of lagging further.
+            while True:
                 try:
-                    self.writer.append(block)
+                    blocks.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if blocks[-1] is _STOP or _STOP in blocks:
+                stop = True
+                blocks = [b for b in blocks if b is not _STOP]
+            if blocks and self._error is None:  # after a failure keep draining, so submit/close never block
+                try:
+                    self.writer.append(TokenBlock.concat(blocks))
                 except BaseException as err:  # handed to the submitting thread
                     self._error = err
 
