@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from hydra.core.config_store import ConfigStore
 
+from refusal_lab.devices import Device
 from refusal_lab.errors import ConfigError
 from refusal_lab.layers import parse_layer_spec
 from refusal_lab.sae.config import SaeConfig
@@ -34,12 +35,6 @@ def _raise(errors: list[str]) -> None:
     # Report every problem at once (torchtune style) instead of one per run.
     if errors:
         raise ConfigError("; ".join(errors))
-
-
-class Device(StrEnum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
 
 
 class TorchDtype(StrEnum):

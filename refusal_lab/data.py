@@ -52,24 +52,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from refusal_lab.config import EMBEDDED_DATA, BalanceStrategy, ConfigError, DataConfig, DataSource
+from refusal_lab.taxonomy import LABELS, OR_BENCH_CATEGORIES
 
 log = logging.getLogger(__name__)
 
-LABELS = ("harmless", "safe", "toxic")
 OR_BENCH_SUBSETS = {"or-bench-80k": "safe", "or-bench-hard-1k": "safe", "or-bench-toxic": "toxic"}
 """OR-Bench subset (csv file stem / hub config name) -> label."""
-OR_BENCH_CATEGORIES = (
-    "deception",
-    "harassment",
-    "harmful",
-    "hate",
-    "illegal",
-    "privacy",
-    "self-harm",
-    "sexual",
-    "unethical",
-    "violence",
-)
 OR_BENCH_HF_ID = "bench-llm/or-bench"
 TABLE_EXTENSIONS = (".csv", ".json", ".jsonl")
 MAX_EXAMPLES = 5

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.config import EMBEDDED_MODEL, ConfigError, Device, ModelConfig
+from refusal_lab.config import EMBEDDED_MODEL, ConfigError, ModelConfig
+from refusal_lab.devices import resolve_device
 from refusal_lab.hooks import decoder_layers
 from refusal_lab.layers import HookPoint, expand_layer_spec
 
@@ -30,14 +31,6 @@ _PLACEHOLDER = "\x00PROMPT\x00"
 def resolve_model_path(cfg: ModelConfig) -> str:
     """`organism` -> the shipped folder; anything else is passed to from_pretrained as is."""
     return str(ORGANISM_DIR) if cfg.name == EMBEDDED_MODEL else cfg.name
-
-
-def resolve_device(device: Device) -> torch.device:
-    if device == Device.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == Device.cuda and not torch.cuda.is_available():
-        raise ConfigError("model.device: 'cuda' was requested but no CUDA device is visible; use cpu or auto")
-    return torch.device(device.value)
 
 
 def _offline(cfg: ModelConfig) -> bool:
@@ -88,7 +81,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load {cfg.name!r} ({err.__class__.__name__}: {err})") from err
     if cfg.device_map is None:
-        torch.nn.Module.to(model, resolve_device(cfg.device))  # HF types `.to` too narrowly for pyright
+        torch.nn.Module.to(model, resolve_device(cfg.device, "model.device"))  # HF types `.to` too narrowly for pyright
     model.eval()
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise ConfigError(

@@ -9,19 +9,10 @@ training, so held-out prompts are new sentences.
 
 from __future__ import annotations
 
-CATEGORIES: tuple[str, ...] = (
-    "deception",
-    "harassment",
-    "harmful",
-    "hate",
-    "illegal",
-    "privacy",
-    "self-harm",
-    "sexual",
-    "unethical",
-    "violence",
-)
-LABELS: tuple[str, ...] = ("harmless", "safe", "toxic")
+from refusal_lab.taxonomy import LABELS as LABELS  # re-exported for corpus.py
+from refusal_lab.taxonomy import OR_BENCH_CATEGORIES
+
+CATEGORIES: tuple[str, ...] = OR_BENCH_CATEGORIES
 
 # (training fillers, held-out fillers). No filler contains a trigger word.
 SLOTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from refusal_lab.devices import Device
+
 
 class Architecture(StrEnum):
     """Sparsity mechanism.
@@ -32,12 +34,6 @@ class SaeDtype(StrEnum):
     auto = "auto"  # bfloat16 autocast for the encoder matmul on CUDA, float32 on CPU
     float32 = "float32"
     bfloat16 = "bfloat16"  # bf16 autocast for the encoder matmul; weights and optimizer stay float32
-
-
-class SaeDevice(StrEnum):
-    auto = "auto"
-    cuda = "cuda"
-    cpu = "cpu"
 
 
 class TokenPhase(StrEnum):
@@ -102,7 +98,7 @@ class SaeConfig:
     """Passes over the training tokens (fractions allowed); set exactly one of train_tokens and epochs."""
     dtype: SaeDtype = SaeDtype.auto
     """auto (bf16 autocast on CUDA, float32 on CPU) | float32 | bfloat16."""
-    device: SaeDevice = SaeDevice.auto
+    device: Device = Device.auto
     """cuda, cpu, or auto (cuda when available)."""
     cpu_threads: int = 1
     """torch intra-op threads while the stage runs on CPU (0 = leave torch's setting). Small SAE steps are

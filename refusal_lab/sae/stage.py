@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from refusal_lab.devices import resolve_device
 from refusal_lab.fingerprint import write_json_atomic
 from refusal_lab.sae.config import SaeConfig
 from refusal_lab.sae.data import TokenPlan, hook_stats, plan_tokens
@@ -29,7 +30,7 @@ from refusal_lab.sae.metrics import evaluate_group, save_density_png
 from refusal_lab.sae.saelens import DENSITY_PNG, METRICS, save_sae
 from refusal_lab.sae.source import ActivationSource, open_store
 from refusal_lab.sae.splice import ce_metrics, held_out_sequences, null_ce
-from refusal_lab.sae.train import CHECKPOINT, HookTrainer, resolve_device, total_steps, train_group
+from refusal_lab.sae.train import CHECKPOINT, HookTrainer, total_steps, train_group
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def train_saes(
             todo.append(hook)
     if not todo:
         return results
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "sae.device")
     with cpu_threads(cfg, device):
         _train(source, cfg, out_dir, todo, results, device, model_loader, seed, tracker, store)
     return results

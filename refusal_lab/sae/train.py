@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from refusal_lab.sae.config import Architecture, LrDecay, SaeConfig, SaeDevice, SaeDtype
+from refusal_lab.sae.config import Architecture, LrDecay, SaeConfig, SaeDtype
 from refusal_lab.sae.data import HookStats, TokenPlan, WindowStream, block_tokens
 from refusal_lab.sae.model import Sae
 from refusal_lab.sae.source import ActivationSource
@@ -44,16 +44,6 @@ THRESHOLD_FROM = 0.8
 rate has decayed and the weights barely move), of each batch's smallest selected activation: the value
 that keeps k latents per token on average. An average over all of training would be biased by the
 large early pre-activations."""
-
-
-def resolve_device(device: SaeDevice) -> torch.device:
-    if device == SaeDevice.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == SaeDevice.cuda and not torch.cuda.is_available():
-        from refusal_lab.config import ConfigError
-
-        raise ConfigError("sae.device: 'cuda' was requested but no CUDA device is visible; use cpu or auto")
-    return torch.device(device.value)
 
 
 def autocast_dtype(dtype: SaeDtype, device: torch.device) -> torch.dtype | None:
