@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from refusal_lab.collect import BatchRunner, CollectPlan, run_batches
+from refusal_lab.collect import BatchRunner, CollectPlan, left_pad, run_batches
 from refusal_lab.config import InferenceConfig, ModelConfig, Positions, RunConfig
 from refusal_lab.data import Prompt
 from refusal_lab.layers import expand_layer_spec
@@ -105,18 +105,8 @@ def main() -> None:
     fmt, _ = chat_format(model_cfg, tokenizer)
     device = args.device
 
-    def padded(idx: list[int]):
-        rows = [token_ids[i] for i in idx]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            ids[j, width - len(row) :] = torch.tensor(row)
-            mask[j, width - len(row) :] = 1
-        return ids.to(device), mask.to(device)
-
     plan_batches = batches(order, args.batch)
-    inputs = [padded(b) for b in plan_batches]
+    inputs = [left_pad([token_ids[i] for i in b], tokenizer.pad_token_id, torch.device(device)) for b in plan_batches]
     n = len(prompts)
     results: dict[str, float] = {"prompts": n, "batch": args.batch, "hook_points": len(points)}
 
@@ -149,7 +139,7 @@ def main() -> None:
     ]:
         inf = InferenceConfig(batch_size=str(args.batch), max_new_tokens=max_new, positions=positions)
         cfg = RunConfig(model=replace(model_cfg, refusal_tokens=["▁I"]), inference=inf)
-        plan = CollectPlan(points, token_ids, order, fmt, model.config.hidden_size, len(model.model.layers), 0, 0, 0, 4)
+        plan = CollectPlan(points, token_ids, order, fmt, model.config.hidden_size, len(model.model.layers), 0, 0, 0)
         store_path = work / f"store-{positions.value}.zarr"
         writer = StoreWriter.open(
             store_path,

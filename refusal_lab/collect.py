@@ -29,7 +29,15 @@ from refusal_lab.data import Prompt
 from refusal_lab.generation import Generation, generate_greedy
 from refusal_lab.hooks import ActivationRecorder, hooks_registered
 from refusal_lab.layers import HookPoint, expand_layer_spec
-from refusal_lab.models import ChatFormat, chat_format, encode_prompts, input_device, resolve_model_path
+from refusal_lab.models import (
+    ChatFormat,
+    chat_format,
+    encode_prompts,
+    input_device,
+    load_model,
+    n_layers,
+    resolve_model_path,
+)
 from refusal_lab.refusal import keyword_refusal, refusal_score, refusal_token_ids
 from refusal_lab.store import BackgroundWriter, Phase, SampleRecord, StoreWriter, TokenBlock, estimate_store_bytes
 
@@ -54,7 +62,6 @@ class CollectPlan:
     estimated_bytes: int
     buffer_bytes_per_prompt: int
     """Device memory of the capture buffers for one prompt of the longest batch."""
-    writer_queue: int
 
 
 def tokens_per_prompt(n_prompt: int, n_post: int, max_new_tokens: int, positions: Positions) -> int:
@@ -92,12 +99,10 @@ def plan_collect(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, prompts: li
     prompt_cols, decode_cols = recorded_columns(inf, max(map(len, token_ids)), fmt.n_post_instruction_tokens)
     element = torch.finfo(getattr(torch, cfg.model.torch_dtype.value)).bits // 8
     buffer_bytes = (prompt_cols + decode_cols) * d_model * element * n_hooks
-    return CollectPlan(
-        hook_points, token_ids, order, fmt, d_model, n_layers, n_tokens, n_bytes, buffer_bytes, inf.writer_queue
-    )
+    return CollectPlan(hook_points, token_ids, order, fmt, d_model, n_layers, n_tokens, n_bytes, buffer_bytes)
 
 
-def check_disk(plan: CollectPlan, store_path: Path) -> None:
+def check_disk(plan: CollectPlan, store_path: Path, writer_queue: int) -> None:
     """Fail before any compute when the store cannot fit on its disk."""
     probe = store_path
     while not probe.exists():
@@ -119,7 +124,7 @@ def check_disk(plan: CollectPlan, store_path: Path) -> None:
         "host memory is bounded by inference.writer_queue=%d batches in flight",
         plan.buffer_bytes_per_prompt / 1e6,
         max(map(len, plan.token_ids)),
-        plan.writer_queue,
+        writer_queue,
     )
     if plan.estimated_bytes > free:
         raise ConfigError(
@@ -128,7 +133,8 @@ def check_disk(plan: CollectPlan, store_path: Path) -> None:
         )
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of `rows`, padded on the left to the longest row."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -210,7 +216,7 @@ class BatchRunner:
     def run(self, prompts: list[Prompt], indices: list[int]) -> TokenBlock:
         inf = self.cfg.inference
         rows = [self.plan.token_ids[i] for i in indices]
-        ids_BT, mask_BT = _left_pad(rows, self.pad_id, self.device)
+        ids_BT, mask_BT = left_pad(rows, self.pad_id, self.device)
         n_post = self.plan.fmt.n_post_instruction_tokens
         prompt_cols, decode_cols = recorded_columns(inf, ids_BT.shape[1], n_post)
         self.recorder.reset(len(rows), prompt_cols, decode_cols)
@@ -369,8 +375,6 @@ def run_collect(
     attrs: dict,
 ) -> None:
     """Fill (or resume) the store at `store_path`; returns when it is committed complete."""
-    from refusal_lab.models import load_model, n_layers
-
     inf = cfg.inference
     dtype = getattr(torch, cfg.model.torch_dtype.value)
     writer = StoreWriter.open(
