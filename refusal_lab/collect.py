@@ -102,7 +102,7 @@ def plan_collect(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, prompts: li
     return CollectPlan(hook_points, token_ids, order, fmt, d_model, n_layers, n_tokens, n_bytes, buffer_bytes)
 
 
-def check_disk(plan: CollectPlan, store_path: Path, writer_queue: int) -> None:
+def check_disk(plan: CollectPlan, store_path: Path, inf: InferenceConfig) -> None:
     """Fail before any compute when the store cannot fit on its disk."""
     probe = store_path
     while not probe.exists():
@@ -119,12 +119,16 @@ def check_disk(plan: CollectPlan, store_path: Path, writer_queue: int) -> None:
         free / 1e9,
         probe,
     )
+    longest = max(map(len, plan.token_ids))
     log.info(
         "collect: capture buffers need %.1f MB of device memory per prompt in a batch (longest prompt %d tokens); "
-        "host memory is bounded by inference.writer_queue=%d batches in flight",
+        "host memory holds at most inference.writer_queue=%d batches in flight plus the tokens waiting for a "
+        "commit (inference.commit_tokens=%d, at most %.0f MB)",
         plan.buffer_bytes_per_prompt / 1e6,
-        max(map(len, plan.token_ids)),
-        writer_queue,
+        longest,
+        inf.writer_queue,
+        inf.commit_tokens,
+        inf.commit_tokens * len(plan.hook_points) * plan.d_model * 4 / 1e6,  # float32 at most
     )
     if plan.estimated_bytes > free:
         raise ConfigError(
@@ -340,6 +344,13 @@ def run_batches(
     return {"batch_size": float(batch_size), "seconds": elapsed, "tokens": float(n_tokens)}
 
 
+def open_sink(writer: StoreWriter, inf: InferenceConfig) -> BackgroundWriter:
+    """The background writer for a collect run, with the config's queue bound and commit policy."""
+    return BackgroundWriter(
+        writer, max_queue=inf.writer_queue, commit_tokens=inf.commit_tokens, commit_seconds=inf.commit_seconds
+    )
+
+
 def collect_fingerprint(cfg: RunConfig, plan: CollectPlan, prompts_fp: str) -> dict:
     """Exactly the settings that change what the store holds (batch size and paths do not)."""
     m, inf = cfg.model, cfg.inference
@@ -403,7 +414,7 @@ def run_collect(
             f"model.name: {cfg.model.name} has {n_layers(model)} layers but its config says {plan.n_layers}"
         )
     runner = BatchRunner(cfg, model, tokenizer, plan, dtype)
-    with BackgroundWriter(writer, max_queue=inf.writer_queue) as sink:
+    with open_sink(writer, inf) as sink:
         stats = run_batches(runner, prompts, plan.order, start, sink)
     writer.finalize({"collect_stats": stats})
     log.info(

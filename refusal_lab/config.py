@@ -155,6 +155,10 @@ class InferenceConfig:
     """Prompts longer than this (after the chat template) are an error, not silently truncated."""
     writer_queue: int = 4
     """Batches the background writer may hold before compute waits (bounds host memory)."""
+    commit_tokens: int = 4096
+    """The writer commits once this many tokens wait: each commit rewrites one partial chunk per array."""
+    commit_seconds: float = 30.0
+    """...or once the oldest waiting batch is this old: the most work a kill can lose."""
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -178,6 +182,8 @@ class InferenceConfig:
         _check(errors, self.chunk_tokens > 0, f"inference.chunk_tokens: {self.chunk_tokens} must be > 0")
         _check(errors, self.max_prompt_tokens > 0, f"inference.max_prompt_tokens: {self.max_prompt_tokens} must be > 0")
         _check(errors, self.writer_queue > 0, f"inference.writer_queue: {self.writer_queue} must be > 0")
+        _check(errors, self.commit_tokens > 0, f"inference.commit_tokens: {self.commit_tokens} must be > 0")
+        _check(errors, self.commit_seconds >= 0, f"inference.commit_seconds: {self.commit_seconds} must be >= 0")
         _raise(errors)
 
     @property

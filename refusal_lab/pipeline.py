@@ -86,7 +86,7 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
         (launch_dir / cfg.store_path).resolve() if cfg.store_path else artifacts / "collect" / f"{collect_fp}.zarr"
     )
     if Stage.collect in cfg.stages:
-        check_disk(plan, store_path, cfg.inference.writer_queue)
+        check_disk(plan, store_path, cfg.inference)
     sae_fp = fingerprint({"store": collect_fp, "sae": to_plain(cfg.sae), "seed": cfg.seed})
     run_fp = fingerprint({"collect": collect_fp, "sae": sae_fp, "stages": [s.value for s in cfg.stages]})
     summary: dict[str, Any] = _check_run_dir(run_dir, run_fp)

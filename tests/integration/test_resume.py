@@ -41,6 +41,7 @@ def command(model_dir: Path, shared_data: Path, store: Path, run_dir: Path) -> l
         "inference.batch_size=2",
         "inference.max_new_tokens=5",
         "inference.chunk_tokens=64",
+        "inference.commit_tokens=1",  # commit every batch, so that a kill lands between commits
         "tracking=disabled",
         "stages=[collect]",
         f"store_path={store}",

@@ -177,7 +177,10 @@ def committed_samples(artifacts: Path) -> int:
 def test_requeued_slurm_job_resumes_and_the_launcher_returns(slurm, tmp_path):
     n_prompts = 200
     # ~15 s of collect on 2 cores, committed every 2 samples: the requeue lands mid-collect.
-    cmd = sweep_command(tmp_path, *SLURM_LAUNCHER, *COLLECT_ONLY, f"data.limit={n_prompts}", "inference.batch_size=2")
+    cmd = sweep_command(
+        tmp_path, *SLURM_LAUNCHER, *COLLECT_ONLY, f"data.limit={n_prompts}", "inference.batch_size=2",
+        "inference.commit_tokens=1",
+    )  # fmt: skip
     start = time.perf_counter()
     launcher_log = (tmp_path / "launcher.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=launcher_log, stderr=subprocess.STDOUT)

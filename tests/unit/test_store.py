@@ -199,7 +199,10 @@ def test_layout_is_plain_zarr(reference: Path) -> None:
     acts = group["acts/mlp_1"]
     assert acts.shape == (n, D_MODEL) and acts.chunks == (CHUNK, D_MODEL) and acts.dtype == np.uint16  # type: ignore[union-attr]
     assert acts.attrs["dtype"] == "bfloat16" and acts.metadata.zarr_format == 3  # type: ignore[union-attr]
-    assert [c.to_dict()["name"] for c in acts.metadata.codecs] == ["bytes", "zstd"]  # type: ignore[union-attr]
+    codecs = [c.to_dict() for c in acts.metadata.codecs]  # type: ignore[union-attr]
+    assert [c["name"] for c in codecs] == ["bytes", "blosc"]
+    assert codecs[1]["configuration"]["shuffle"] == "bitshuffle" and codecs[1]["configuration"]["typesize"] == 2
+    assert group["tokens/position"].metadata.codecs[-1].to_dict()["name"] == "zstd"  # type: ignore[union-attr]
     assert group["tokens/phase"].dtype == np.int8 and group["tokens/position"].shape == (n,)  # type: ignore[union-attr]
     assert group["samples/prompt"][:2].tolist() == ["prompt 0: naïve ✓ 日本", "prompt 1: naïve ✓ 日本"]  # type: ignore[index,union-attr]
     assert group["samples/refused"].dtype == np.bool_ and group["samples/refusal_score"].dtype == np.float32  # type: ignore[union-attr]
@@ -417,10 +420,10 @@ def test_background_writer_coalesces_queued_blocks(tmp_path: Path, blocks: list[
     appended: list[int] = []
     real_append = writer.append
 
-    def slow_append(block: TokenBlock) -> None:
-        appended.append(len(block.samples))
+    def slow_append(*group: TokenBlock) -> None:
+        appended.append(sum(len(b.samples) for b in group))
         time.sleep(0.2)  # a writer that lags behind compute
-        real_append(block)
+        real_append(*group)
 
     writer.append = slow_append  # type: ignore[method-assign]
     with BackgroundWriter(writer, max_queue=len(blocks)) as sink:
@@ -430,6 +433,38 @@ def test_background_writer_coalesces_queued_blocks(tmp_path: Path, blocks: list[
     assert sum(appended) == sum(len(b.samples) for b in blocks)
     writer.finalize({"collect_stats": {"seconds": 1.0}})
     assert_same_store(tmp_path / "s", reference, coalesced=True)
+
+
+def test_background_writer_commits_by_tokens_and_age(tmp_path: Path, blocks: list[TokenBlock], reference: Path) -> None:
+    writer = open_writer(tmp_path / "s")
+    sizes: list[int] = []
+    real_append = writer.append
+
+    def counting_append(*group: TokenBlock) -> None:
+        sizes.append(sum(b.n_tokens for b in group))
+        real_append(*group)
+
+    writer.append = counting_append  # type: ignore[method-assign]
+    two_blocks = blocks[0].n_tokens + blocks[1].n_tokens
+    with BackgroundWriter(writer, commit_tokens=two_blocks, commit_seconds=60) as sink:
+        for block in blocks:
+            sink.submit(block)
+            time.sleep(0.05)  # the writer sees each block on its own
+    assert sizes[0] >= two_blocks and all(size >= min(b.n_tokens for b in blocks) for size in sizes)
+    assert len(sizes) < len(blocks) and sum(sizes) == sum(b.n_tokens for b in blocks)
+    writer.finalize({"collect_stats": {"seconds": 1.0}})
+    assert_same_store(tmp_path / "s", reference, coalesced=True)
+
+    # Far below commit_tokens, a block is still committed once it has waited commit_seconds.
+    writer = open_writer(tmp_path / "t")
+    with BackgroundWriter(writer, commit_tokens=10**9, commit_seconds=0.2) as sink:
+        sink.submit(blocks[0])
+        deadline = time.monotonic() + 5
+        while writer.committed_samples == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert writer.committed_samples == len(blocks[0].samples)
+        sink.submit(blocks[1])
+    assert writer.committed_samples == len(blocks[0].samples) + len(blocks[1].samples)
 
 
 def test_background_writer_surfaces_errors(tmp_path: Path, blocks: list[TokenBlock]) -> None:
