@@ -18,20 +18,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from refusal_lab.collect import BatchRunner, CollectPlan, left_pad, run_batches
+from refusal_lab.collect import BatchRunner, CollectPlan, left_pad, open_sink, run_batches
 from refusal_lab.config import InferenceConfig, ModelConfig, Positions, RunConfig
 from refusal_lab.data import Prompt
 from refusal_lab.layers import expand_layer_spec
 from refusal_lab.models import chat_format, encode_prompts
-from refusal_lab.store import BackgroundWriter, StoreWriter, disk_write_bandwidth
+from refusal_lab.store import StoreWriter, disk_write_bandwidth
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARCHS = {
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--layers", default="all", help="layer spec, comma-separated")
     parser.add_argument("--store-dir", default=None, help="folder on the disk to measure (default: a temp dir)")
+    parser.add_argument("--modes", default="prompt,all", help="prompt (prompt-only capture), all (with generation)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved plain/collect pairs per mode")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -108,7 +112,7 @@ def main() -> None:
     plan_batches = batches(order, args.batch)
     inputs = [left_pad([token_ids[i] for i in b], tokenizer.pad_token_id, torch.device(device)) for b in plan_batches]
     n = len(prompts)
-    results: dict[str, float] = {"prompts": n, "batch": args.batch, "hook_points": len(points)}
+    results: dict[str, Any] = {"prompts": n, "batch": args.batch, "hook_points": len(points)}
 
     @torch.inference_mode()
     def plain_forward():
@@ -128,54 +132,64 @@ def main() -> None:
             )
 
     timed(lambda: model(input_ids=inputs[0][0][:2], attention_mask=inputs[0][1][:2]), device)  # warm-up
-    results["plain_forward_prompts_s"] = n / timed(plain_forward, device)
-    results["plain_generate_prompts_s"] = n / timed(plain_generate, device)
     bandwidth = disk_write_bandwidth(work, 256 * 2**20)
     results["disk_bytes_s"] = bandwidth
 
-    for positions, max_new, plain_key in [
-        (Positions.prompt, 0, "plain_forward_prompts_s"),
-        (Positions.all, args.max_new_tokens, "plain_generate_prompts_s"),
+    for positions, max_new, plain in [
+        (Positions.prompt, 0, plain_forward),
+        (Positions.all, args.max_new_tokens, plain_generate),
     ]:
+        key = positions.value
+        if key not in args.modes.split(","):
+            continue
         inf = InferenceConfig(batch_size=str(args.batch), max_new_tokens=max_new, positions=positions)
         cfg = RunConfig(model=replace(model_cfg, refusal_tokens=["▁I"]), inference=inf)
         plan = CollectPlan(points, token_ids, order, fmt, model.config.hidden_size, len(model.model.layers), 0, 0, 0)
-        store_path = work / f"store-{positions.value}.zarr"
-        writer = StoreWriter.open(
-            store_path,
-            fingerprint=positions.value,
-            hook_points=[p.name for p in points],
-            d_model=model.config.hidden_size,
-            model_dtype=dtype,
-            chunk_tokens=inf.chunk_tokens,
-            attrs={},
-        )
         runner = BatchRunner(cfg, model, tokenizer, plan, dtype)
         # Like plain generate (min_new_tokens), never stop early: every prompt generates max_new tokens.
         runner.eos_ids = [-1]
         stats: dict[str, float] = {}
 
-        def collect(runner=runner, writer=writer, stats=stats, queue=inf.writer_queue):
-            with BackgroundWriter(writer, max_queue=queue) as sink:
-                stats.update(run_batches(runner, prompts, order, 0, sink, progress_every_s=1e9))
+        def collect(store_path: Path, todo=order, runner=runner, stats=stats, inf=inf, key=key) -> None:
+            writer = StoreWriter.open(
+                store_path,
+                fingerprint=key,
+                hook_points=[p.name for p in points],
+                d_model=model.config.hidden_size,
+                model_dtype=dtype,
+                chunk_tokens=inf.chunk_tokens,
+                attrs={},
+            )
+            with open_sink(writer, inf) as sink:
+                stats.update(run_batches(runner, prompts, todo, 0, sink, progress_every_s=1e9))
             writer.finalize()
 
-        seconds = timed(collect, device)
-        stored_bytes = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file())
-        raw_bytes_per_prompt = stats["tokens"] * len(points) * model.config.hidden_size * 2 / n
-        disk_limited = bandwidth / raw_bytes_per_prompt
-        bound = min(results[plain_key], disk_limited)
-        key = positions.value
-        results[f"collect_{key}_prompts_s"] = n / seconds
+        # Interleaved plain / collect pairs: on a shared machine the speed drifts by 20% or more
+        # between minutes, so each collect run is compared with the plain run right before it.
+        collect(work / f"warm-up-{key}.zarr", order[: args.batch])  # zarr's threads, blosc, first allocations
+        pairs = []
+        for r in range(args.repeats):
+            store_path = work / f"store-{key}-{r}.zarr"
+            plain_s = timed(plain, device)
+            collect_s = timed(lambda store_path=store_path: collect(store_path), device)
+            pairs.append((plain_s, collect_s))
+            stored_bytes = sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file())
+            shutil.rmtree(store_path)
+        raw_bytes = stats["tokens"] * len(points) * model.config.hidden_size * 2
+        disk_limited = bandwidth / (raw_bytes / n)
+        plain_rate = n / statistics.median(p for p, _ in pairs)
+        ratios = [min(n / c, disk_limited) / min(n / p, disk_limited) for p, c in pairs]
+        results[f"plain_{key}_prompts_s"] = plain_rate
+        results[f"collect_{key}_prompts_s"] = n / statistics.median(c for _, c in pairs)
         results[f"disk_limited_{key}_prompts_s"] = disk_limited
-        results[f"compression_ratio_{key}"] = (
-            stats["tokens"] * len(points) * model.config.hidden_size * 2 / stored_bytes
-        )
-        results[f"ratio_{key}"] = (n / seconds) / bound
+        results[f"compression_ratio_{key}"] = raw_bytes / stored_bytes
+        results[f"ratios_{key}"] = ratios
+        results[f"ratio_{key}"] = statistics.median(ratios)
         print(
-            f"{key:>6}: collect {n / seconds:8.2f} prompts/s | plain {results[plain_key]:8.2f} | "
-            f"disk-limited {disk_limited:8.2f} | ratio to min {results[f'ratio_{key}']:.3f} | "
-            f"zstd {results[f'compression_ratio_{key}']:.3f}x"
+            f"{key:>6}: collect {results[f'collect_{key}_prompts_s']:8.2f} prompts/s | plain {plain_rate:8.2f} | "
+            f"disk-limited {disk_limited:8.2f} | ratio to min, median of {args.repeats} pairs "
+            f"{results[f'ratio_{key}']:.3f} ({' '.join(f'{r:.2f}' for r in ratios)}) | "
+            f"compression {results[f'compression_ratio_{key}']:.3f}x"
         )
     print(f"disk: {bandwidth / 1e9:.2f} GB/s; device {device}, arch {args.arch}, dtype {args.dtype}")
     print(json.dumps(results, indent=2))
