@@ -25,6 +25,7 @@ from refusal_lab.config import ConfigError, RunConfig, Stage
 from refusal_lab.data import load_prompts_with_report, prompts_fingerprint
 from refusal_lab.fingerprint import exclusive, fingerprint, write_json_atomic
 from refusal_lab.models import load_model, load_tokenizer
+from refusal_lab.sae.config import OUTPUT_NEUTRAL_FIELDS
 from refusal_lab.summary import collect_summary
 from refusal_lab.tracking import make_tracker
 
@@ -57,6 +58,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def sae_fingerprint(cfg: RunConfig, collect_fp: str) -> str:
+    """Names the SAE artifacts: the store, the seed and every SAE setting that changes the SAEs."""
+    settings = {k: v for k, v in to_plain(cfg.sae).items() if k not in OUTPUT_NEUTRAL_FIELDS}
+    return fingerprint({"store": collect_fp, "sae": settings, "seed": cfg.seed})
+
+
 def _check_run_dir(run_dir: Path, run_fp: str) -> dict[str, Any]:
     """A run folder may only be reused by the same run; returns what it already holds."""
     path = run_dir / SUMMARY
@@ -87,7 +94,7 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     )
     if Stage.collect in cfg.stages:
         check_disk(plan, store_path, cfg.inference)
-    sae_fp = fingerprint({"store": collect_fp, "sae": to_plain(cfg.sae), "seed": cfg.seed})
+    sae_fp = sae_fingerprint(cfg, collect_fp)
     run_fp = fingerprint({"collect": collect_fp, "sae": sae_fp, "stages": [s.value for s in cfg.stages]})
     summary: dict[str, Any] = _check_run_dir(run_dir, run_fp)
     summary.update({"run_fingerprint": run_fp, "stages": [s.value for s in cfg.stages], "data": report.to_dict()})

@@ -63,6 +63,12 @@ class TokenFilterConfig:
     """Drop tokens whose activation norm exceeds this many times the hook's median norm (None keeps all)."""
 
 
+OUTPUT_NEUTRAL_FIELDS = ("log_every", "checkpoint_every", "cpu_threads")
+"""SaeConfig fields that change how training runs or reports, not the SAEs it produces: they are
+left out of the SAE artifacts' fingerprint, so changing one never retrains a finished SAE
+(cpu_threads can move float sums in the last bit, which no metric shows)."""
+
+
 @dataclass
 class SaeConfig:
     """Sparse-autoencoder training settings (one SAE per hook point)."""

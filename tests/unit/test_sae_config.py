@@ -55,3 +55,24 @@ def test_all_errors_reported_at_once():
     with pytest.raises(ConfigError) as err:
         SaeConfig(k=0, lr=-1.0)
     assert "sae.k" in str(err.value) and "sae.lr" in str(err.value)
+
+
+def test_sae_fingerprint_ignores_only_output_neutral_fields():
+    from dataclasses import replace
+
+    from refusal_lab.config import RunConfig
+    from refusal_lab.pipeline import sae_fingerprint
+    from refusal_lab.sae.config import OUTPUT_NEUTRAL_FIELDS
+
+    base = RunConfig()
+    fp = sae_fingerprint(base, "store-a")
+    neutral = replace(base.sae, log_every=7, checkpoint_every=3, cpu_threads=2)
+    assert set(OUTPUT_NEUTRAL_FIELDS) == {"log_every", "checkpoint_every", "cpu_threads"}
+    assert sae_fingerprint(replace(base, sae=neutral), "store-a") == fp, "a log or checkpoint setting must not retrain"
+    for changed in [
+        replace(base, sae=replace(base.sae, k=base.sae.k + 1)),
+        replace(base, sae=replace(base.sae, filters=TokenFilterConfig(drop_bos=False))),
+        replace(base, seed=base.seed + 1),
+    ]:
+        assert sae_fingerprint(changed, "store-a") != fp
+    assert sae_fingerprint(base, "store-b") != fp
