@@ -44,6 +44,13 @@ class TokenPhase(StrEnum):
     generated = "generated"
 
 
+class CeTargets(StrEnum):
+    """Which positions the CE-loss-recovered and KL metrics score."""
+
+    response = "response"  # positions that predict a generated token: the model's own response
+    all = "all"  # every spliced position (prompt text too), as SAELens scores pretraining text
+
+
 class Balance(StrEnum):
     none = "none"  # tokens as stored
     label_category = "label_category"  # every label equal mass; within a label, categories equal mass
@@ -135,6 +142,10 @@ class SaeConfig:
     """A latent active on more than this share of held-out tokens counts as dense (dead: active on none)."""
     ce_max_samples: int = 64
     """Held-out prompts whose token sequences are run through the model for CE-loss recovered and KL (0 = skip)."""
+    ce_targets: CeTargets = CeTargets.response
+    """response | all: where CE and KL are scored. A chat model is judged by its response; prompt text may be
+    unpredictable to it (the organism, trained on responses only, scores ~10 nats there, worse than uniform,
+    so any blurring spliced in "improves" CE and ce_recovered exceeds 1)."""
     ce_batch_size: int = 8
     """Sequences per forward pass for the CE metrics."""
     log_every: int = 50

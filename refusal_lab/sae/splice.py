@@ -11,7 +11,9 @@ model.model.layers[N], via a forward pre-hook; mlp_N / attention_N: the module's
 forward hook; see refusal_lab.hooks); CE_zero with them replaced by zeros. KL(orig || spliced)
 is averaged over the same positions. Replacement covers exactly the tokens the SAE was trained
 and evaluated on (token filters, norm below the outlier threshold); the loss is taken at those
-positions (predicting the next token). Sequences are rebuilt from tokens/token_id for samples
+positions (predicting the next token), and with `sae.ce_targets: response` (the default) only
+where the next token is a generated one: a chat model is judged by its own response, and prompt
+text can be unpredictable to it. Sequences are rebuilt from tokens/token_id for samples
 whose stored positions run 0..n-1 (inference.positions all or prompt); otherwise the metrics
 are null with the reason.
 
@@ -29,7 +31,7 @@ import torch
 
 from refusal_lab.hooks import hooks_registered, module_for
 from refusal_lab.layers import HookPoint
-from refusal_lab.sae.config import TokenFilterConfig
+from refusal_lab.sae.config import CeTargets, TokenFilterConfig, TokenPhase
 from refusal_lab.sae.data import PHASE_CODES, HookStats
 from refusal_lab.sae.model import Sae
 
@@ -100,6 +102,7 @@ def ce_metrics(
     stats: dict[str, HookStats],
     filters: TokenFilterConfig,
     batch_size: int,
+    targets: CeTargets = CeTargets.response,
 ) -> dict[str, dict[str, Any]]:
     """CE_orig, CE_sae, CE_zero, ce_recovered and KL for every hook in `saes`."""
     model.eval()
@@ -127,9 +130,11 @@ def ce_metrics(
         if filters.drop_bos:
             mask[:, 0] = False
         pred = mask[:, :-1] & attn[:, 1:].bool()  # positions whose next token is scored
-        targets = ids[:, 1:]
+        if targets == CeTargets.response:
+            pred &= phase[:, 1:] == PHASE_CODES[TokenPhase.generated]
+        next_ids = ids[:, 1:]
         ce_orig, logp_orig = _next_token_loss(
-            model(input_ids=ids, attention_mask=attn, use_cache=False).logits, targets
+            model(input_ids=ids, attention_mask=attn, use_cache=False).logits, next_ids
         )
         ce_orig_sum += ce_orig[pred].double().sum()
         n_pred += int(pred.sum())
@@ -140,13 +145,16 @@ def ce_metrics(
                 fn = _splice(sae, mask.to(sae.b_dec.device), max_norm, zero)
                 with hooks_registered(model, {points[hook]: fn}):
                     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-                ce, logp = _next_token_loss(logits, targets)
+                ce, logp = _next_token_loss(logits, next_ids)
                 sums[hook][1 if zero else 0] += ce[pred].double().sum()
                 if not zero:
                     kl = (p_orig * (logp_orig - logp)).sum(-1)
                     sums[hook][2] += kl[pred].double().sum()
     if n_pred == 0:
-        return {h: null_ce("no held-out position passes the token filters") for h in saes}
+        why = "no held-out position passes the token filters"
+        if targets == CeTargets.response:
+            why += " and predicts a generated token (sae.ce_targets=response; the store has no responses?)"
+        return {h: null_ce(why) for h in saes}
     ce_orig_mean = float(ce_orig_sum) / n_pred
     out = {}
     for hook in saes:

@@ -157,7 +157,7 @@ def _train(
             if model is None:
                 assert model_loader is not None
                 model, _ = model_loader()
-            ce = ce_metrics(model, sequences, saes, stats, cfg.filters, cfg.ce_batch_size)
+            ce = ce_metrics(model, sequences, saes, stats, cfg.filters, cfg.ce_batch_size, cfg.ce_targets)
         else:
             ce = {hook: null_ce(ce_reason or "no held-out sequences") for hook in group}
         for hook in group:

@@ -62,6 +62,10 @@ def test_sae_entry_meets_the_default_targets(default_run):
         assert {"fvu", "l0", "dead_frac", "ce_recovered", "path"} <= metrics.keys()
         assert metrics["fvu"] <= 0.25, (hook, metrics["fvu"])
         assert metrics["dead_frac"] <= 0.2, (hook, metrics["dead_frac"])
+        # Scored on the organism's own greedy responses (sae.ce_targets=response): a lossy reconstruction
+        # predicts them a little worse than the model. Scored on prompt text, which the organism never
+        # learned to predict, this read 1.07.
+        assert 0.9 <= metrics["ce_recovered"] <= 1.0 and 0 < metrics["kl"] < 0.2, (hook, metrics)
         assert Path(metrics["path"], "sae_weights.safetensors").exists()
 
 

@@ -3,6 +3,8 @@ splicing, skipping completed hooks, and resuming a SIGKILLed training run."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import signal
@@ -21,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from refusal_lab.hooks import hooks_registered
 from refusal_lab.layers import HookPoint
-from refusal_lab.sae.config import SaeConfig
+from refusal_lab.sae.config import CeTargets, SaeConfig
 from refusal_lab.sae.data import HookStats, plan_tokens
 from refusal_lab.sae.saelens import CFG, METRICS, SPARSITY, WEIGHTS, load_sae
 from refusal_lab.sae.source import open_store
@@ -133,16 +135,29 @@ def test_ce_orig_matches_an_independent_loss(stage_run, store, model):
     plan = plan_tokens(source, small_cfg(), 0)
     seqs, reason = held_out_sequences(source.tokens(), plan.eval_sample_ids, 64)
     assert reason is None
-    total, count = 0.0, 0
+    totals = {target: [0.0, 0] for target in CeTargets}
     with torch.no_grad():
-        for ids in seqs.token_ids:
+        for ids, phases in zip(seqs.token_ids, seqs.phases, strict=True):
             logits = model(torch.from_numpy(ids)[None]).logits[0, :-1]
             ce = torch.nn.functional.cross_entropy(logits, torch.from_numpy(ids[1:]), reduction="none")
-            total += float(ce[1:].sum())  # position 0 (BOS) is not spliced, so not scored
-            count += len(ids) - 2
-    metrics = json.loads((out / HOOKS[0] / METRICS).read_text())
+            scored = {  # position 0 (BOS) is not spliced, so never scored
+                CeTargets.all: np.arange(1, len(ids) - 1),
+                CeTargets.response: np.flatnonzero(phases[1:] == Phase.GENERATED),
+            }
+            for target, positions in scored.items():
+                positions = positions[positions >= 1]
+                totals[target][0] += float(ce[positions].sum())
+                totals[target][1] += len(positions)
+    metrics = json.loads((out / HOOKS[0] / METRICS).read_text())  # the stage's default: response
+    total, count = totals[CeTargets.response]
+    assert 0 < count < totals[CeTargets.all][1]
     assert np.isclose(metrics["ce_orig"], total / count, rtol=1e-4)
     assert metrics["ce_positions"] == count
+    stats = HookStats(1.0, float("inf"), np.zeros(1), 1.0, 1, 0)
+    everywhere = ce_metrics(model, seqs, {HOOKS[0]: Replace(False)}, {HOOKS[0]: stats}, small_cfg().filters, 4,
+                            CeTargets.all)[HOOKS[0]]  # fmt: skip
+    total, count = totals[CeTargets.all]
+    assert np.isclose(everywhere["ce_orig"], total / count, rtol=1e-4) and everywhere["ce_positions"] == count
 
 
 class Replace(nn.Module):
@@ -162,10 +177,12 @@ def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zeros(sto
     plan = plan_tokens(source, small_cfg(), 0)
     seqs, _ = held_out_sequences(source.tokens(), plan.eval_sample_ids, 64)
     stats = HookStats(1.0, float("inf"), np.zeros(1), 1.0, 1, 0)
-    for hook in HOOKS:
-        perfect = ce_metrics(model, seqs, {hook: Replace(False)}, {hook: stats}, small_cfg().filters, 4)[hook]
+    for hook, target in itertools.product(HOOKS, CeTargets):
+        run = functools.partial(ce_metrics, model, seqs, stats={hook: stats}, filters=small_cfg().filters,
+                                batch_size=4, targets=target)  # fmt: skip
+        perfect = run(saes={hook: Replace(False)})[hook]
         assert np.isclose(perfect["ce_recovered"], 1.0) and abs(perfect["kl"]) < 1e-6
-        zeros = ce_metrics(model, seqs, {hook: Replace(True)}, {hook: stats}, small_cfg().filters, 4)[hook]
+        zeros = run(saes={hook: Replace(True)})[hook]
         assert np.isclose(zeros["ce_recovered"], 0.0) and zeros["kl"] > 0
 
 
