@@ -33,7 +33,7 @@ from refusal_lab.config import InferenceConfig, ModelConfig, Positions, RunConfi
 from refusal_lab.data import Prompt
 from refusal_lab.layers import expand_layer_spec
 from refusal_lab.models import chat_format, encode_prompts
-from refusal_lab.store import StoreWriter, disk_write_bandwidth
+from refusal_lab.store_writer import StoreWriter, disk_write_bandwidth
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARCHS = {

@@ -39,7 +39,8 @@ from refusal_lab.models import (
     resolve_model_path,
 )
 from refusal_lab.refusal import keyword_refusal, refusal_score, refusal_token_ids
-from refusal_lab.store import BackgroundWriter, Phase, SampleRecord, StoreWriter, TokenBlock, estimate_store_bytes
+from refusal_lab.store import Phase, SampleRecord, TokenBlock, estimate_store_bytes
+from refusal_lab.store_writer import BackgroundWriter, StoreWriter
 
 log = logging.getLogger(__name__)
 

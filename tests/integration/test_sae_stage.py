@@ -30,7 +30,8 @@ from refusal_lab.sae.source import open_store
 from refusal_lab.sae.splice import ce_metrics, held_out_sequences
 from refusal_lab.sae.stage import run_sae_stage
 from refusal_lab.sae.train import CHECKPOINT
-from refusal_lab.store import ActivationStore, Phase, SampleRecord, StoreWriter, TokenBlock
+from refusal_lab.store import ActivationStore, Phase, SampleRecord, TokenBlock
+from refusal_lab.store_writer import StoreWriter
 
 HOOKS = ["residuals_1", "mlp_1", "attention_2"]
 REPO = Path(__file__).resolve().parents[2]

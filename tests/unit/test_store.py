@@ -18,16 +18,14 @@ import zarr
 from refusal_lab.store import (
     MANIFEST,
     ActivationStore,
-    BackgroundWriter,
     Phase,
     SampleRecord,
     StoreIncompleteError,
     StoreMismatchError,
-    StoreWriter,
     TokenBlock,
-    disk_write_bandwidth,
     estimate_store_bytes,
 )
+from refusal_lab.store_writer import BackgroundWriter, StoreWriter, disk_write_bandwidth
 
 HOOKS = ["residuals_0", "mlp_1", "attention_2"]
 D_MODEL = 48
@@ -303,7 +301,7 @@ import json, os, signal, sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_store import make_blocks, open_writer
-from refusal_lab.store import StoreWriter
+from refusal_lab.store_writer import StoreWriter
 
 def stalling_commit(self, manifest, commit=StoreWriter._commit):
     if len(manifest["blocks"]) == 4:
