@@ -403,7 +403,9 @@ class BackgroundWriter:
     block is `commit_seconds` old, or at close. Each append has a fixed cost (per array a
     metadata write and a rewrite of the partial boundary chunk, then a manifest commit), which
     on a small CPU model costs as much as the compute when every batch is its own commit. A kill
-    loses only uncommitted blocks, and a resume recomputes them.
+    loses only uncommitted blocks, and a resume recomputes them. The defaults commit every block
+    as it arrives (blocks that queued up behind a slow append still go together); the collect
+    stage passes `inference.commit_tokens` and `inference.commit_seconds` (`collect.open_sink`).
     """
 
     def __init__(
