@@ -56,7 +56,7 @@ from refusal_lab.store import (
 log = logging.getLogger(__name__)
 
 WRITER_NICE = 10
-"""Nice value of the background writer's threads (see BackgroundWriter._run)."""
+"""Added to the nice value of the background writer's threads (see BackgroundWriter._run)."""
 
 
 def _fsync(path: Path) -> None:
@@ -424,8 +424,11 @@ class BackgroundWriter:
     def _run(self) -> None:
         # Below compute's priority (Linux nice is per thread, inherited by the append pool's threads):
         # on a machine without spare cores the writer fills compute's gaps instead of preempting it.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        # Linux only: elsewhere a thread id is no process id, and setpriority would target a process.
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
         pending: list[TokenBlock] = []
         oldest = 0.0
         stop = False

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from refusal_lab.store import (
     TokenBlock,
     estimate_store_bytes,
 )
-from refusal_lab.store_writer import BackgroundWriter, StoreWriter, disk_write_bandwidth
+from refusal_lab.store_writer import WRITER_NICE, BackgroundWriter, StoreWriter, disk_write_bandwidth
 
 HOOKS = ["residuals_0", "mlp_1", "attention_2"]
 D_MODEL = 48
@@ -508,3 +509,22 @@ def test_store_without_hooks_or_tokens(tmp_path: Path) -> None:
     store = ActivationStore.open(tmp_path / "s")
     assert (store.n_samples, store.n_tokens, store.hook_points) == (1, 0, [])
     assert store.samples()["response"] == [""] and store.samples()["refusal_score"].tolist() == [-1.5]  # type: ignore[union-attr]
+
+
+def test_background_writer_runs_below_the_callers_priority(tmp_path: Path, blocks: list[TokenBlock]) -> None:
+    if sys.platform != "linux":
+        pytest.skip("per-thread nice values are a Linux feature")
+    seen: list[int] = []
+    writer = open_writer(tmp_path / "s")
+    real_append = writer.append
+
+    def spying_append(*group: TokenBlock) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        real_append(*group)
+
+    writer.append = spying_append  # type: ignore[method-assign]
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with BackgroundWriter(writer) as sink:
+        sink.submit(blocks[0])
+    assert seen == [min(19, caller + WRITER_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller, "only the writer thread is reniced"
