@@ -70,6 +70,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _chunk_indices(arr: zarr.Array, start: int, stop: int) -> range:
+    """Indices along the token axis of the chunks that rows [start, stop) touch."""
+    rows = arr.chunks[0]
+    return range(start // rows, -(-stop // rows))
+
+
 def _direct_codec(arr: zarr.Array) -> numcodecs.Blosc | None:
     """A numcodecs Blosc that writes exactly this array's chunks, if its layout is the activations' one."""
     meta = arr.metadata
@@ -108,7 +114,7 @@ def _write_rows_direct(folder: Path, arr: zarr.Array, codec: numcodecs.Blosc, va
     if start % rows:  # the boundary chunk holds committed rows: rewrite it with them
         values = np.concatenate([np.asarray(arr[first * rows : start]), values])
     base = first * rows
-    for i in range(first, -(-stop // rows)):
+    for i in _chunk_indices(arr, start, stop):
         chunk = values[i * rows - base : (i + 1) * rows - base]
         if len(chunk) < rows:
             chunk = np.concatenate([chunk, np.zeros((rows - len(chunk), chunk.shape[1]), chunk.dtype)])
@@ -138,6 +144,8 @@ class StoreWriter:
             + [f"tokens/{k}" for k in TOKEN_FIELDS]
             + [f"samples/{k}" for k in SAMPLE_FIELDS]
         }
+        # Decided once per array (its codecs never change): the activations' layout is written directly.
+        self._direct_codecs = {name: _direct_codec(arr) for name, arr in self._arrays.items()}
         self._warned: set[str] = set()
 
     @property
@@ -348,7 +356,7 @@ class StoreWriter:
             else:
                 values, start, stop = columns[name]
             arr.resize((stop, *arr.shape[1:]))
-            codec = _direct_codec(arr)
+            codec = self._direct_codecs[name]
             if stop > start and codec is not None:
                 _write_rows_direct(self.path / name, arr, codec, values, start, stop)
             elif stop > start:
@@ -367,10 +375,9 @@ class StoreWriter:
 
     def _touched(self, name: str, arr: zarr.Array, start: int, stop: int) -> list[Path]:
         """Files a write of rows [start, stop) replaced: its chunks and the array's metadata."""
-        rows = arr.chunks[0]
         folder = self.path / name
         paths = [folder / "zarr.json"]
-        for i in range(start // rows, -(-stop // rows)):
+        for i in _chunk_indices(arr, start, stop):
             paths.append(folder / arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1)))  # type: ignore[union-attr]
         return paths
 
