@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -402,6 +403,17 @@ def pending_copy(block: TokenBlock, calls: list[int]) -> TokenBlock:
     return TokenBlock(block.samples, block.sample_id, block.position, block.phase, block.token_id, pending, ready)
 
 
+def spy_on_appends(writer: StoreWriter, record: Callable[[tuple[TokenBlock, ...]], object]) -> None:
+    """Call `record(group)` before each `writer.append(*group)`."""
+    real_append = writer.append
+
+    def append(*group: TokenBlock) -> None:
+        record(group)
+        real_append(*group)
+
+    writer.append = append  # type: ignore[method-assign]
+
+
 def test_background_writer_matches_synchronous(tmp_path: Path, blocks: list[TokenBlock], reference: Path) -> None:
     writer = open_writer(tmp_path / "s")
     calls: list[int] = []
@@ -417,14 +429,12 @@ def test_background_writer_matches_synchronous(tmp_path: Path, blocks: list[Toke
 def test_background_writer_coalesces_queued_blocks(tmp_path: Path, blocks: list[TokenBlock], reference: Path) -> None:
     writer = open_writer(tmp_path / "s")
     appended: list[int] = []
-    real_append = writer.append
 
-    def slow_append(*group: TokenBlock) -> None:
+    def lag(group: tuple[TokenBlock, ...]) -> None:
         appended.append(sum(len(b.samples) for b in group))
         time.sleep(0.2)  # a writer that lags behind compute
-        real_append(*group)
 
-    writer.append = slow_append  # type: ignore[method-assign]
+    spy_on_appends(writer, lag)
     with BackgroundWriter(writer, max_queue=len(blocks)) as sink:
         for block in blocks:
             sink.submit(block)
@@ -437,13 +447,7 @@ def test_background_writer_coalesces_queued_blocks(tmp_path: Path, blocks: list[
 def test_background_writer_commits_by_tokens_and_age(tmp_path: Path, blocks: list[TokenBlock], reference: Path) -> None:
     writer = open_writer(tmp_path / "s")
     sizes: list[int] = []
-    real_append = writer.append
-
-    def counting_append(*group: TokenBlock) -> None:
-        sizes.append(sum(b.n_tokens for b in group))
-        real_append(*group)
-
-    writer.append = counting_append  # type: ignore[method-assign]
+    spy_on_appends(writer, lambda group: sizes.append(sum(b.n_tokens for b in group)))
     two_blocks = blocks[0].n_tokens + blocks[1].n_tokens
     with BackgroundWriter(writer, commit_tokens=two_blocks, commit_seconds=60) as sink:
         for block in blocks:
@@ -516,13 +520,7 @@ def test_background_writer_runs_below_the_callers_priority(tmp_path: Path, block
         pytest.skip("per-thread nice values are a Linux feature")
     seen: list[int] = []
     writer = open_writer(tmp_path / "s")
-    real_append = writer.append
-
-    def spying_append(*group: TokenBlock) -> None:
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        real_append(*group)
-
-    writer.append = spying_append  # type: ignore[method-assign]
+    spy_on_appends(writer, lambda _: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
     caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     with BackgroundWriter(writer) as sink:
         sink.submit(blocks[0])
