@@ -129,17 +129,26 @@ def test_local_launcher_runs_each_job_in_its_own_subdir(tmp_path):
     print(f"local sweep of 2 jobs: {time.perf_counter() - start:.1f} s")
 
 
-def sacct_states(job_id: str, duplicates: bool = False, timeout: float = 60) -> list[str]:
+UNSETTLED = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING")
+"""sacct states after which the job runs (again): a requeued job's last run is not the job's end."""
+
+
+def sacct_states(job_id: str, duplicates: bool = False, timeout: float = 90) -> list[str]:
     """States of one job from SLURM accounting once it has ended, oldest first (duplicates: one per run).
 
-    The launcher returns when the job's result file appears, a moment before SLURM sees the job end.
+    Polls until the newest run's state is final, or `timeout` seconds pass (then returns what
+    accounting holds, for the caller's assertion to show). The launcher returns when the job's
+    result file appears, a moment before SLURM sees the job end, and slurmdbd records a state
+    later still: right after a requeued job's second run ends, `sacct -D` may list only
+    `REQUEUED` (issue 8), so REQUEUED counts as not yet settled.
     """
     cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job_id, *(["-D"] if duplicates else [])]
     deadline = time.time() + timeout
     while True:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
-        states = [line.split("|")[1] for line in out.splitlines() if line.split("|")[0] == job_id]
-        if states and states[-1] not in ("PENDING", "RUNNING", "COMPLETING") or time.time() > deadline:
+        # "CANCELLED by 0" carries who cancelled it: the first word is the state.
+        states = [line.split("|")[1].split()[0] for line in out.splitlines() if line.split("|")[0] == job_id]
+        if states and states[-1] not in UNSETTLED or time.time() > deadline:
             return states
         time.sleep(0.5)
 
