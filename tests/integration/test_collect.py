@@ -155,9 +155,9 @@ def test_rerun_is_skipped_and_other_config_gets_another_store(tiny_llama, shared
 
 def test_out_of_memory_halves_the_batch_and_loses_no_sample(tiny_llama, shared_data, tmp_path, monkeypatch):
     """`batch_size: auto` semantics on a fake device limit: batches over 2 prompts raise OOM."""
-    from refusal_lab import collect
+    from refusal_lab import collect_batches
 
-    real_run = collect.BatchRunner.run
+    real_run = collect_batches.BatchRunner.run
     sizes: list[int] = []
 
     def limited(self, prompts, indices):
@@ -166,10 +166,10 @@ def test_out_of_memory_halves_the_batch_and_loses_no_sample(tiny_llama, shared_d
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real_run(self, prompts, indices)
 
-    monkeypatch.setattr(collect.BatchRunner, "run", limited)
+    monkeypatch.setattr(collect_batches.BatchRunner, "run", limited)
     cfg = make_cfg(tiny_llama, shared_data, tmp_path)
     cfg = replace(cfg, inference=replace(cfg.inference, batch_size="auto"))
-    monkeypatch.setattr(collect, "CPU_AUTO_BATCH", 8)
+    monkeypatch.setattr(collect_batches, "CPU_AUTO_BATCH", 8)
     summary = run(cfg, tmp_path / "run", tmp_path)
     # 7 prompts fail -> 3 fail -> 1 fits, and the size that fit is kept for the rest.
     assert sizes == [7, 3] + [1] * N_PROMPTS, sizes

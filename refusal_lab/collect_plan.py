@@ -1,0 +1,130 @@
+"""Collect planning: what a collect run will store and whether it fits, all before weights load.
+
+Reads: the model's config (no weights), the tokenizer, the prompts. Writes nothing.
+`plan_collect` validates the layer spec against the model's depth, tokenises every prompt and
+sizes the store; `check_disk` compares that size with the free space where the store goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from refusal_lab.config import InferenceConfig, Positions, RunConfig
+from refusal_lab.data import Prompt
+from refusal_lab.errors import ConfigError
+from refusal_lab.layers import HookPoint, expand_layer_spec
+from refusal_lab.models import ChatFormat, chat_format, encode_prompts, resolve_model_path
+from refusal_lab.store import estimate_store_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectPlan:
+    """Everything decided before the model's weights are loaded."""
+
+    hook_points: list[HookPoint]
+    token_ids: list[list[int]]
+    order: list[int]
+    """Prompt indices in processing order (longest first)."""
+    fmt: ChatFormat
+    d_model: int
+    n_layers: int
+    estimated_tokens: int
+    estimated_bytes: int
+    buffer_bytes_per_prompt: int
+    """Device memory of the capture buffers for one prompt of the longest batch."""
+
+
+def tokens_per_prompt(n_prompt: int, n_post: int, max_new_tokens: int, positions: Positions) -> int:
+    """Upper bound of the tokens stored for one prompt under a positions policy."""
+    return {
+        Positions.all: n_prompt + max_new_tokens,
+        Positions.prompt: n_prompt,
+        Positions.last_prompt: 1,
+        Positions.post_instruction: n_post,
+        Positions.generated: max_new_tokens,
+    }[positions]
+
+
+def plan_collect(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> CollectPlan:
+    """Validate the layer spec against the model's config and size the run, all before loading weights."""
+    model_config = AutoConfig.from_pretrained(
+        resolve_model_path(cfg.model),
+        revision=cfg.model.revision,
+        cache_dir=cfg.model.cache_dir,
+        trust_remote_code=cfg.model.trust_remote_code,
+        local_files_only=cfg.model.local_files_only,
+    ).get_text_config()
+    n_layers = int(model_config.num_hidden_layers)
+    hook_points = expand_layer_spec(cfg.model.activation_layers, n_layers, cfg.model.name)
+    fmt, _ = chat_format(cfg.model, tokenizer)
+    token_ids = encode_prompts(cfg.model, tokenizer, [p.text for p in prompts], cfg.inference.max_prompt_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(token_ids[i]), i))
+    inf = cfg.inference
+    n_tokens = sum(
+        tokens_per_prompt(len(t), fmt.n_post_instruction_tokens, inf.max_new_tokens, inf.positions) for t in token_ids
+    )
+    n_hooks = len(hook_points) if inf.save_activations else 0
+    d_model = int(model_config.hidden_size)
+    n_bytes = estimate_store_bytes(n_tokens, n_hooks, d_model, inf.store_dtype.value)
+    prompt_cols, decode_cols = recorded_columns(inf, max(map(len, token_ids)), fmt.n_post_instruction_tokens)
+    element = torch.finfo(getattr(torch, cfg.model.torch_dtype.value)).bits // 8
+    buffer_bytes = (prompt_cols + decode_cols) * d_model * element * n_hooks
+    return CollectPlan(hook_points, token_ids, order, fmt, d_model, n_layers, n_tokens, n_bytes, buffer_bytes)
+
+
+def check_disk(plan: CollectPlan, store_path: Path, inf: InferenceConfig) -> None:
+    """Fail before any compute when the store cannot fit on its disk."""
+    probe = store_path
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    log.info(
+        "collect: %d prompts, %d hook points, positions policy stores <= %d tokens: estimated store %.2f GB "
+        "(uncompressed float16; %.1f MB per 1000 prompts), %.1f GB free at %s",
+        len(plan.token_ids),
+        len(plan.hook_points),
+        plan.estimated_tokens,
+        plan.estimated_bytes / 1e9,
+        plan.estimated_bytes / max(1, len(plan.token_ids)) * 1000 / 1e6,
+        free / 1e9,
+        probe,
+    )
+    longest = max(map(len, plan.token_ids))
+    log.info(
+        "collect: capture buffers need %.1f MB of device memory per prompt in a batch (longest prompt %d tokens); "
+        "host memory holds at most inference.writer_queue=%d batches in flight plus the tokens waiting for a "
+        "commit (inference.commit_tokens=%d, at most %.0f MB)",
+        plan.buffer_bytes_per_prompt / 1e6,
+        longest,
+        inf.writer_queue,
+        inf.commit_tokens,
+        inf.commit_tokens * len(plan.hook_points) * plan.d_model * 4 / 1e6,  # float32 at most
+    )
+    if plan.estimated_bytes > free:
+        raise ConfigError(
+            f"store_path: the store needs about {plan.estimated_bytes / 1e9:.1f} GB but {probe} has "
+            f"{free / 1e9:.1f} GB free; choose fewer layers, a narrower inference.positions, or another disk"
+        )
+
+
+def recorded_columns(inf: InferenceConfig, seq: int, n_post: int) -> tuple[int, int]:
+    """(prompt columns, decode columns) the recorder keeps for a batch of padded length `seq`."""
+    if not inf.save_activations:
+        return 0, 0
+    prompt_cols = {
+        Positions.all: seq,
+        Positions.prompt: seq,
+        Positions.last_prompt: 1,
+        Positions.post_instruction: min(n_post, seq),
+        Positions.generated: 0,
+    }[inf.positions]
+    decode_cols = inf.max_new_tokens if inf.positions in (Positions.all, Positions.generated) else 0
+    return prompt_cols, decode_cols
