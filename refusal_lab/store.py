@@ -194,7 +194,12 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: Path, *, allow_incomplete: bool = False) -> ActivationStore:
+        """The store at `path`; a folder holding a parts index (sharded collect) opens as one joined store."""
         path = Path(path)
+        if (path / "parts.json").is_file():
+            from refusal_lab.store_parts import JoinedStore  # store_parts builds on this module
+
+            return JoinedStore.open_parts(path)
         if store_meta(path) is None:
             raise FileNotFoundError(f"store: {path} is not an activation store (no zarr group with {ATTRS_KEY} attrs)")
         manifest = read_json(path / MANIFEST)
@@ -232,6 +237,10 @@ class ActivationStore:
 
     def tokens(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(open_array(self._group, f"tokens/{k}")[: self.n_tokens]) for k in TOKEN_FIELDS}
+
+    def samples_column(self, name: str) -> np.ndarray:
+        """One column of the sample table (committed rows), without reading the others."""
+        return np.asarray(open_array(self._group, f"samples/{name}")[: self.n_samples])
 
     def samples(self) -> dict[str, np.ndarray | list]:
         """Columnar sample table; string columns are lists of str."""
