@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_lab.config import EMBEDDED_MODEL, ConfigError, ModelConfig
+from refusal_lab.config import EMBEDDED_MODEL, ModelConfig
 from refusal_lab.devices import resolve_device
+from refusal_lab.errors import ConfigError
 from refusal_lab.hooks import decoder_layers
-from refusal_lab.layers import HookPoint, expand_layer_spec
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,6 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
 
 def n_layers(model: PreTrainedModel) -> int:
     return len(decoder_layers(model))
-
-
-def hook_points_for(cfg: ModelConfig, model: PreTrainedModel) -> list[HookPoint]:
-    """Expand `model.activation_layers` against this model's depth (errors name the model)."""
-    return expand_layer_spec(cfg.activation_layers, n_layers(model), cfg.name)
 
 
 def input_device(model: PreTrainedModel) -> torch.device:

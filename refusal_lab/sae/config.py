@@ -1,7 +1,7 @@
 """Schema of the `sae` config group (owned by the sae stage).
 
 Imported by `refusal_lab.config` while that module is still loading, so nothing here may
-import `refusal_lab.config` at module level (ConfigError is imported inside `__post_init__`).
+import `refusal_lab.config` (ConfigError comes from refusal_lab.errors).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from refusal_lab.devices import Device
+from refusal_lab.errors import ConfigError
 
 
 class Architecture(StrEnum):
@@ -152,8 +153,6 @@ class SaeConfig:
     """Steps between training-log lines (and tracker calls)."""
 
     def __post_init__(self) -> None:
-        from refusal_lab.config import ConfigError  # here, not at the top: refusal_lab.config imports this module
-
         errors: list[str] = []
 
         def check(ok: bool, message: str) -> None:

@@ -107,3 +107,23 @@ def test_post_init_errors_name_key_and_value(override, needle):
 
 def test_positions_enum_parses():
     assert typed(["inference.positions=last_prompt"]).inference.positions == Positions.last_prompt
+
+
+def test_sae_config_errors_need_no_import_of_the_run_config():
+    """sae/config.py and config.py used to import each other for ConfigError; errors.py breaks the cycle."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from refusal_lab.errors import ConfigError\n"
+        "from refusal_lab.sae.config import SaeConfig\n"
+        "try:\n"
+        "    SaeConfig(k=0)\n"
+        "except ConfigError as err:\n"
+        "    assert 'sae.k' in str(err), err\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+        "assert 'refusal_lab.config' not in sys.modules, 'sae.config pulled in refusal_lab.config'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
