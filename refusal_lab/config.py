@@ -77,8 +77,11 @@ class BalanceStrategy(StrEnum):
 
 
 class Stage(StrEnum):
+    """Pipeline stages, in pipeline order (refusal_lab.stages holds what each one does)."""
+
     collect = "collect"
     sae = "sae"
+    circuits = "circuits"
 
 
 class WandbMode(StrEnum):
@@ -159,6 +162,12 @@ class InferenceConfig:
     """The writer commits once this many tokens wait: each commit rewrites one partial chunk per array."""
     commit_seconds: float = 30.0
     """...or once the oldest waiting batch is this old: the most work a kill can lose."""
+    shards: int = 1
+    """Sharded collect: split the prompts into this many store parts, one job each (refusal_lab.store_parts)."""
+    shard: int | None = None
+    """The part this job writes, 0..shards-1 (sweep: inference.shard=range(0,N)); collect needs it when shards > 1."""
+    part_dir: str | None = None
+    """Folder for this job's store part (e.g. a node-local or faster disk); null: inside the store's own folder."""
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -184,6 +193,18 @@ class InferenceConfig:
         _check(errors, self.writer_queue > 0, f"inference.writer_queue: {self.writer_queue} must be > 0")
         _check(errors, self.commit_tokens > 0, f"inference.commit_tokens: {self.commit_tokens} must be > 0")
         _check(errors, self.commit_seconds >= 0, f"inference.commit_seconds: {self.commit_seconds} must be >= 0")
+        _check(errors, self.shards >= 1, f"inference.shards: {self.shards} must be >= 1 (1 = one store, no parts)")
+        _check(
+            errors,
+            self.shard is None or 0 <= self.shard < self.shards,
+            f"inference.shard: {self.shard} is not a part of inference.shards={self.shards}; use 0..{self.shards - 1}",
+        )
+        _check(
+            errors,
+            self.shards == 1 or self.batch_size != "auto",
+            f"inference.batch_size: 'auto' with inference.shards={self.shards}; shards take whole batches of a fixed "
+            "size (the same in every shard job), so set an integer",
+        )
         _raise(errors)
 
     @property

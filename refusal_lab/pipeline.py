@@ -1,67 +1,36 @@
 """Stage order, fingerprint-keyed artifacts, resume, and summary.json.
 
+The pipeline is a loop over stage specs (refusal_lab.stages): it knows no stage's internals.
 Everything cheap is checked before anything expensive starts: prompts load, the tokenizer
-loads, the layer spec fits the model's config, the store fits on its disk. Stages talk
-through disk: collect writes `<artifacts>/collect/<fingerprint>.zarr`, sae writes
-`<artifacts>/sae/<fingerprint>/<hook>/`. A stage whose committed artifact exists is
-skipped, so a rerun (or a requeued SLURM job) simply continues.
+loads, the layer spec fits the model's config, every stage computes its fingerprint and runs
+its `prepare` check (the store fits on its disk, the circuits inputs exist, ...), and every
+upstream artifact a run reads without producing it is verified against this config's
+fingerprint. Stages talk through disk: collect writes `<artifacts>/collect/<fingerprint>.zarr`,
+sae writes `<artifacts>/sae/<fingerprint>/<hook>/`, circuits `<artifacts>/circuits/<fingerprint>/`.
+A stage whose committed artifact exists is skipped, so a rerun (or a requeued SLURM job)
+simply continues.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.metadata
 import json
 import logging
-import platform
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from refusal_lab.collect import check_disk, collect_fingerprint, plan_collect, run_collect
+from refusal_lab.collect import plan_collect
 from refusal_lab.config import ConfigError, RunConfig, Stage
-from refusal_lab.data import load_prompts_with_report, prompts_fingerprint
+from refusal_lab.data import load_prompts_with_report
 from refusal_lab.fingerprint import exclusive, fingerprint, write_json_atomic
 from refusal_lab.models import load_model, load_tokenizer
-from refusal_lab.sae.config import OUTPUT_NEUTRAL_FIELDS
-from refusal_lab.summary import collect_summary
+from refusal_lab.stages import RunContext, StageSpec, stage_specs, to_plain
 from refusal_lab.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
-
-
-def to_plain(cfg: Any) -> Any:
-    """Dataclasses/enums -> JSON-ready dicts (for fingerprints, attrs and W&B config)."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, Enum):
-        return cfg.value
-    if isinstance(cfg, list | tuple):
-        return [to_plain(x) for x in cfg]
-    if isinstance(cfg, dict):
-        return {k: to_plain(v) for k, v in cfg.items()}
-    return cfg
-
-
-def package_versions() -> dict[str, str]:
-    names = ["refusal_lab", "torch", "transformers", "tokenizers", "zarr", "numcodecs", "numpy", "hydra-core"]
-    versions = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def sae_fingerprint(cfg: RunConfig, collect_fp: str) -> str:
-    """Names the SAE artifacts: the store, the seed and every SAE setting that changes the SAEs."""
-    settings = {k: v for k, v in to_plain(cfg.sae).items() if k not in OUTPUT_NEUTRAL_FIELDS}
-    return fingerprint({"store": collect_fp, "sae": settings, "seed": cfg.seed})
 
 
 def _check_run_dir(run_dir: Path, run_fp: str) -> dict[str, Any]:
@@ -78,6 +47,45 @@ def _check_run_dir(run_dir: Path, run_fp: str) -> dict[str, Any]:
     return existing
 
 
+def _selected(cfg: RunConfig, specs: dict[Stage, StageSpec]) -> list[StageSpec]:
+    missing = [s.value for s in cfg.stages if s not in specs]
+    if missing:
+        raise ConfigError(f"stages: {missing} are not implemented; valid stages: {[s.value for s in specs]}")
+    return [spec for name, spec in specs.items() if name in cfg.stages]
+
+
+def _upstream(spec: StageSpec, specs: dict[Stage, StageSpec]) -> list[Stage]:
+    """Every stage `spec` reads from, directly or through another input (pipeline order)."""
+    seen: set[Stage] = set()
+    todo = list(spec.inputs)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(specs[name].inputs)
+    return [name for name in specs if name in seen]
+
+
+def plan_stages(cfg: RunConfig, ctx: RunContext) -> list[StageSpec]:
+    """Fingerprints and paths of every stage; checks of the selected ones and of the inputs they only read.
+
+    Runs before any model loads: everything here is config, tokenizer and file metadata.
+    """
+    specs = stage_specs()
+    selected = _selected(cfg, specs)
+    for spec in specs.values():  # pipeline order: upstream fingerprints exist when a stage asks for them
+        ctx.fingerprints[spec.name] = spec.fingerprint(ctx)
+        ctx.paths[spec.name] = spec.artifact(ctx)
+    verified: set[Stage] = set()
+    for spec in selected:
+        for name in _upstream(spec, specs):
+            if name not in cfg.stages and name not in verified:
+                specs[name].verify(ctx)
+                verified.add(name)
+        spec.prepare(ctx)
+    return selected
+
+
 def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     """Run the configured stages and return summary.json's content."""
     torch.manual_seed(cfg.seed)
@@ -88,50 +96,37 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     log.info("data: %d prompts after filtering and balancing", len(prompts))
     tokenizer = load_tokenizer(cfg.model)
     plan = plan_collect(cfg, tokenizer, prompts)
-    collect_fp = fingerprint(collect_fingerprint(cfg, plan, prompts_fingerprint(prompts)))
-    store_path = (
+    ctx = RunContext(
+        cfg=cfg,
+        run_dir=run_dir,
+        launch_dir=launch_dir,
+        artifacts=artifacts,
+        prompts=prompts,
+        tokenizer=tokenizer,
+        plan=plan,
+        store_path=artifacts / "collect" / "pending.zarr",  # replaced below once the collect fingerprint is known
+        model_loader=lambda: load_model(cfg.model),
+    )
+    collect_spec = stage_specs()[Stage.collect]
+    collect_fp = collect_spec.fingerprint(ctx)
+    ctx.store_path = (
         (launch_dir / cfg.store_path).resolve() if cfg.store_path else artifacts / "collect" / f"{collect_fp}.zarr"
     )
-    if Stage.collect in cfg.stages:
-        check_disk(plan, store_path, cfg.inference)
-    sae_fp = sae_fingerprint(cfg, collect_fp)
-    run_fp = fingerprint({"collect": collect_fp, "sae": sae_fp, "stages": [s.value for s in cfg.stages]})
+    selected = plan_stages(cfg, ctx)
+    run_fp = fingerprint({s.name.value: ctx.fingerprints[s.name] for s in selected})
     summary: dict[str, Any] = _check_run_dir(run_dir, run_fp)
     summary.update({"run_fingerprint": run_fp, "stages": [s.value for s in cfg.stages], "data": report.to_dict()})
+    ctx.summary = summary
 
-    tracker = make_tracker(cfg.tracking, run_dir, to_plain(cfg), name=f"{cfg.model.name.split('/')[-1]}-{run_dir.name}")
+    ctx.tracker = make_tracker(
+        cfg.tracking, run_dir, to_plain(cfg), name=f"{cfg.model.name.split('/')[-1]}-{run_dir.name}"
+    )
     try:
-        if Stage.collect in cfg.stages:
-            attrs = {
-                "model": cfg.model.name,
-                "revision": cfg.model.revision,
-                "tokenizer": tokenizer.name_or_path,
-                "chat_template": tokenizer.chat_template,
-                "chat_format": dataclasses.asdict(plan.fmt),
-                "config": to_plain(cfg),
-                "versions": package_versions(),
-            }
-            with exclusive(store_path):
-                run_collect(cfg, prompts, tokenizer, plan, store_path, collect_fp, attrs)
-            summary["collect"] = collect_summary(store_path)
-            tracker.summary({"collect/" + k: v for k, v in summary["collect"]["refusal_rate"]["by_label"].items()})
-            write_json_atomic(run_dir / SUMMARY, summary)
-        if Stage.sae in cfg.stages:
-            from refusal_lab.sae.stage import run_sae_stage
-
-            sae_dir = artifacts / "sae" / sae_fp
-            with exclusive(sae_dir):
-                results = run_sae_stage(
-                    cfg.sae,
-                    store_path,
-                    sae_dir,
-                    model_loader=lambda: (load_model(cfg.model), tokenizer),
-                    seed=cfg.seed,
-                    tracker=tracker,
-                )
-            summary["sae"] = results
+        for spec in selected:
+            with exclusive(ctx.paths[spec.name]):
+                summary[spec.name.value] = spec.run(ctx)
             write_json_atomic(run_dir / SUMMARY, summary)
     finally:
-        tracker.finish()
+        ctx.tracker.finish()
     log.info("summary: %s", run_dir / SUMMARY)
     return summary

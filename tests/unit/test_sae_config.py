@@ -61,8 +61,8 @@ def test_sae_fingerprint_ignores_only_output_neutral_fields():
     from dataclasses import replace
 
     from refusal_lab.config import RunConfig
-    from refusal_lab.pipeline import sae_fingerprint
     from refusal_lab.sae.config import OUTPUT_NEUTRAL_FIELDS
+    from refusal_lab.sae.spec import sae_fingerprint
 
     base = RunConfig()
     fp = sae_fingerprint(base, "store-a")

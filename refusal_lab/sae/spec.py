@@ -1,0 +1,71 @@
+"""The sae stage as the pipeline sees it (refusal_lab.stages.StageSpec): fingerprint, folder, run.
+
+Its fingerprint is the store's fingerprint, the seed, every SAE setting that changes the SAEs
+(not the OUTPUT_NEUTRAL_FIELDS) and ALGORITHM_VERSION.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from refusal_lab.config import RunConfig, Stage
+from refusal_lab.fingerprint import fingerprint
+from refusal_lab.sae.config import OUTPUT_NEUTRAL_FIELDS
+
+if TYPE_CHECKING:
+    from refusal_lab.stages import RunContext
+
+ALGORITHM_VERSION = 1
+"""Bump whenever the sae stage's output changes for the same config (training, metrics, layout)."""
+
+
+def sae_fingerprint(cfg: RunConfig, collect_fp: str) -> str:
+    """Names the SAE artifacts: the store, the seed and every SAE setting that changes the SAEs."""
+    from refusal_lab.stages import to_plain
+
+    settings = {k: v for k, v in to_plain(cfg.sae).items() if k not in OUTPUT_NEUTRAL_FIELDS}
+    return fingerprint({"store": collect_fp, "sae": settings, "seed": cfg.seed, "algorithm": ALGORITHM_VERSION})
+
+
+def sae_dir(artifacts: Path, sae_fp: str) -> Path:
+    """`<artifacts>/sae/<fingerprint>/`, one SAELens folder per hook point below it."""
+    return artifacts / "sae" / sae_fp
+
+
+class SaeStage:
+    name: ClassVar[Stage] = Stage.sae
+    inputs: ClassVar[tuple[Stage, ...]] = (Stage.collect,)
+
+    def fingerprint(self, ctx: RunContext) -> str:
+        return sae_fingerprint(ctx.cfg, ctx.fingerprints[Stage.collect])
+
+    def artifact(self, ctx: RunContext) -> Path:
+        return sae_dir(ctx.artifacts, ctx.fingerprints[Stage.sae])
+
+    def prepare(self, ctx: RunContext) -> None:
+        return None
+
+    def verify(self, ctx: RunContext) -> None:
+        from refusal_lab.config import ConfigError
+        from refusal_lab.sae.saelens import METRICS
+
+        folder = self.artifact(ctx)
+        missing = [h.name for h in ctx.plan.hook_points if not (folder / h.name / METRICS).exists()]
+        if missing:
+            raise ConfigError(
+                f"stages: {[s.value for s in ctx.cfg.stages]} needs trained SAEs for {missing} in {folder} "
+                "(this config's sae fingerprint); add sae to stages to train them"
+            )
+
+    def run(self, ctx: RunContext) -> dict[str, dict[str, Any]]:
+        from refusal_lab.sae.stage import run_sae_stage
+
+        return run_sae_stage(
+            ctx.cfg.sae,
+            ctx.store_path,
+            self.artifact(ctx),
+            model_loader=lambda: (ctx.model(), ctx.tokenizer),
+            seed=ctx.cfg.seed,
+            tracker=ctx.tracker,
+        )
