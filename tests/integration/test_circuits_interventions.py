@@ -1,0 +1,149 @@
+"""SAE splicing, baselines and feature interventions on a tiny random Llama with SAEs built in the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline, zero_baseline
+from refusal_lab.circuits.batches import PromptBatch, make_batches
+from refusal_lab.circuits.spliced import forward_batch, spliced
+from refusal_lab.sae.config import Architecture
+from refusal_lab.sae.model import Sae
+from refusal_lab.store import Phase
+
+HOOKS = ["residuals_1", "mlp_1", "attention_2"]
+N_POST = 4
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama: Path):
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def pad_id(tiny_llama: Path) -> int:
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    return int(tok.eos_token_id)
+
+
+def random_saes(d_model: int, d_sae: int = 128, k: int = 8, seed: int = 0) -> dict[str, Sae]:
+    """Untrained SAEs: their reconstructions are far from the activations (a bad SAE)."""
+    gen = torch.Generator().manual_seed(seed)
+    saes = {}
+    for hook in HOOKS:
+        sae = Sae(d_model, d_sae, Architecture.topk, k=k)
+        sae.reset_parameters(gen)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1, generator=gen)
+        saes[hook] = sae.requires_grad_(False)
+    return saes
+
+
+def random_prompts(n: int, seed: int, lo: int = 6, hi: int = 14) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=gen))
+        out.append([1] + torch.randint(3, 32000, (length - 1,), generator=gen).tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch(pad_id: int) -> PromptBatch:
+    return make_batches(random_prompts(5, seed=1), N_POST, pad_id, batch_size=8)[0]
+
+
+def test_splice_without_edit_reproduces_the_model(model, batch):
+    saes = random_saes(model.config.hidden_size)
+    with torch.no_grad():
+        plain = forward_batch(model, batch)
+        with spliced(model, saes) as run:
+            spliced_logits = forward_batch(model, batch)
+    assert set(run.feats) == set(HOOKS)
+    mask = batch.attention_mask.bool()
+    torch.testing.assert_close(spliced_logits[mask], plain[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_the_error_node_makes_even_a_bad_sae_exact(model, batch):
+    """Reconstruction alone (error node zeroed) moves the logits a lot; with the error node they match."""
+    saes = random_saes(model.config.hidden_size)
+    mask = batch.attention_mask.bool()
+    with torch.no_grad():
+        plain = forward_batch(model, batch)
+        with spliced(model, saes) as run:
+            exact = forward_batch(model, batch)
+        with spliced(model, saes, edit=lambda h, f, e: (f, torch.zeros_like(e))):
+            reconstruction_only = forward_batch(model, batch)
+    err = run.errors["residuals_1"][mask]
+    assert float(err.norm(dim=-1).mean()) > 0.5  # the SAE really is bad: a large error term
+    torch.testing.assert_close(exact[mask], plain[mask], atol=1e-4, rtol=1e-4)
+    assert float((reconstruction_only[mask] - plain[mask]).abs().max()) > 1e-2
+
+
+def test_spliced_features_carry_gradients(model, batch):
+    saes = random_saes(model.config.hidden_size)
+
+    def keep_grads(hook, f, e):
+        f.retain_grad()
+        e.retain_grad()
+        return f, e
+
+    with spliced(model, saes, edit=keep_grads) as run:
+        logits = forward_batch(model, batch, logits_to_keep=1)
+        logits[:, -1, 42].sum().backward()
+    for hook in HOOKS:
+        grad_f, grad_e = run.feats[hook].grad, run.errors[hook].grad
+        assert grad_f is not None and grad_e is not None
+        assert float(grad_e.abs().sum()) > 0
+
+
+def test_mean_baseline_is_the_contrast_mean_per_phase(model, pad_id):
+    """Template cells get the mean at the same offset from the end; BOS its own mean; text cells the pooled mean."""
+    saes = random_saes(model.config.hidden_size)
+    prompts = random_prompts(7, seed=2)
+    batches = make_batches(prompts, N_POST, pad_id, batch_size=3)
+    baseline = mean_baseline(model, saes, batches, n_prefix=1)
+    hook = "mlp_1"
+    # Independent reference: one unpadded forward per prompt, means by phase in float64.
+    text, template, bos = [], [[] for _ in range(N_POST)], []
+    for ids in prompts:
+        one = make_batches([ids], N_POST, pad_id, batch_size=1)[0]
+        with torch.no_grad(), spliced(model, saes) as run:
+            forward_batch(model, one)
+        feats = run.feats[hook][0].double()
+        bos.append(feats[0])
+        text.extend(feats[1 : len(ids) - N_POST])
+        for j in range(N_POST):
+            template[j].append(feats[len(ids) - N_POST + j])
+    means = baseline.hooks[hook]
+    torch.testing.assert_close(means.feats_GF[0].double(), torch.stack(text).mean(0), atol=1e-5, rtol=1e-5)
+    for j in range(N_POST):
+        torch.testing.assert_close(
+            means.feats_GF[1 + j].double(), torch.stack(template[j]).mean(0), atol=1e-5, rtol=1e-5
+        )
+    torch.testing.assert_close(means.feats_GF[1 + N_POST].double(), torch.stack(bos).mean(0), atol=1e-5, rtol=1e-5)
+    # expand() puts them in the right cells of another batch.
+    target = make_batches(random_prompts(3, seed=3), N_POST, pad_id, batch_size=3)[0]
+    feats_BTF, err_BTD = baseline.expand(hook, target)
+    assert feats_BTF.shape[:2] == target.input_ids.shape and err_BTD.shape[-1] == model.config.hidden_size
+    last = target.width - 1
+    torch.testing.assert_close(feats_BTF[:, last], means.feats_GF[1 + N_POST - 1].expand(target.size, -1))
+    text_cells = (target.phase == int(Phase.PROMPT)) & (target.position_ids > 0)
+    torch.testing.assert_close(feats_BTF[text_cells], means.feats_GF[0].expand(int(text_cells.sum()), -1))
+    # A one-token call (a decode step) gets the response baseline, the pooled prompt mean.
+    bound = BoundBaseline(baseline, target)
+    f_step, _ = bound.values(hook, torch.zeros(target.size, 1, means.feats_GF.shape[1]))
+    torch.testing.assert_close(f_step[0, 0], means.feats_GF[0])
+
+
+def test_zero_baseline_shapes(batch):
+    saes = random_saes(64)
+    feats, err = zero_baseline(saes).expand("mlp_1", batch, torch.tensor([3, 5]))
+    assert feats.shape == (batch.size, batch.width, 2) and err.shape == (batch.size, batch.width, 64)
+    assert not feats.any() and not err.any()
