@@ -14,6 +14,7 @@ from enum import StrEnum
 
 from hydra.core.config_store import ConfigStore
 
+from refusal_lab.circuits.config import CircuitsConfig
 from refusal_lab.devices import Device
 from refusal_lab.errors import ConfigError
 from refusal_lab.layers import parse_layer_spec
@@ -284,6 +285,7 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
+    circuits: CircuitsConfig = field(default_factory=CircuitsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stages: list[Stage] = field(default_factory=lambda: [Stage.collect, Stage.sae])
     """Stages to run, in pipeline order; a stage whose committed result exists is skipped."""
@@ -313,4 +315,5 @@ def register_configs() -> None:
     cs.store(group="schema/inference", name="base", node=InferenceConfig, package="inference")
     cs.store(group="schema/data", name="base", node=DataConfig, package="data")
     cs.store(group="schema/sae", name="base", node=SaeConfig, package="sae")
+    cs.store(group="schema/circuits", name="base", node=CircuitsConfig, package="circuits")
     cs.store(group="schema/tracking", name="base", node=TrackingConfig, package="tracking")
