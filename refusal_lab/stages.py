@@ -23,6 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from refusal_lab import shards
 from refusal_lab.collect import CollectPlan, check_disk, collect_fingerprint, run_collect
 from refusal_lab.config import ConfigError, RunConfig, Stage
 from refusal_lab.data import Prompt, prompts_fingerprint
@@ -125,13 +126,16 @@ class CollectStage:
         return fingerprint(collect_fingerprint(ctx.cfg, ctx.plan, prompts_fingerprint(ctx.prompts)))
 
     def artifact(self, ctx: RunContext) -> Path:
-        return ctx.store_path
+        return shards.shard_artifact(ctx)  # a shard job's part (refusal_lab.shards), else ctx.store_path
 
     def prepare(self, ctx: RunContext) -> None:
-        check_disk(ctx.plan, ctx.store_path, ctx.cfg.inference)
+        if not shards.prepare_parts(ctx):
+            check_disk(ctx.plan, ctx.store_path, ctx.cfg.inference)
 
     def verify(self, ctx: RunContext) -> None:
         path, want = ctx.store_path, ctx.fingerprints[Stage.collect]
+        if shards.verify_parts(path, want):  # a sharded collect's parts index: every part there and complete
+            return
         meta = store_meta(path)
         if meta is None:
             raise ConfigError(
@@ -159,6 +163,9 @@ class CollectStage:
             "config": to_plain(cfg),
             "versions": package_versions(),
         }
+        parts_entry = shards.collect_parts(ctx, attrs)  # a shard job, or a run finding a sharded store
+        if parts_entry is not None:
+            return parts_entry
         run_collect(cfg, ctx.prompts, ctx.tokenizer, plan, ctx.store_path, ctx.fingerprints[Stage.collect], attrs)
         entry = collect_summary(ctx.store_path)
         if ctx.tracker is not None:
@@ -169,8 +176,9 @@ class CollectStage:
 def stage_specs() -> dict[Stage, StageSpec]:
     """Every implemented stage, in pipeline order (the Stage enum's order)."""
     # Imported here: stage packages import refusal_lab.config, which must finish loading first.
+    from refusal_lab.judge.spec import JudgeStage
     from refusal_lab.sae.spec import SaeStage
 
-    specs: list[StageSpec] = [CollectStage(), SaeStage()]
+    specs: list[StageSpec] = [CollectStage(), JudgeStage(), SaeStage()]
     order = list(Stage)
     return {spec.name: spec for spec in sorted(specs, key=lambda s: order.index(s.name))}
