@@ -136,13 +136,13 @@ class BoundBaseline:
 
     A call as wide as the batch (the full forward, or generation's prefill) gets per-position
     values; a one-token call (a decode step) gets the response baseline. Expanded tensors are
-    cached per (hook, features) for the batch.
+    cached per hook (full feature width) for the batch.
     """
 
     def __init__(self, baseline: Baseline, batch: PromptBatch) -> None:
         self.baseline = baseline
         self.batch = batch
-        self._cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def values(
         self, hook: str, feats_BTF: torch.Tensor, features: torch.Tensor | None = None
@@ -150,11 +150,13 @@ class BoundBaseline:
         """Baseline (feats, err) broadcastable to a call's [B, T, .] tensors."""
         seq = feats_BTF.shape[1]
         if seq == self.batch.width:
-            key = (hook, id(features))
-            if key not in self._cache:
+            if features is not None:  # a few columns: cheap to expand each time
                 f, e = self.baseline.expand(hook, self.batch, features)
-                self._cache[key] = (f.to(feats_BTF.device, feats_BTF.dtype), e.to(feats_BTF.device, feats_BTF.dtype))
-            return self._cache[key]
+                return f.to(feats_BTF.device, feats_BTF.dtype), e.to(feats_BTF.device, feats_BTF.dtype)
+            if hook not in self._cache:
+                f, e = self.baseline.expand(hook, self.batch)
+                self._cache[hook] = (f.to(feats_BTF.device, feats_BTF.dtype), e.to(feats_BTF.device, feats_BTF.dtype))
+            return self._cache[hook]
         if seq == 1:
             f, e = self.baseline.response(hook, features)
             return f.to(feats_BTF.device, feats_BTF.dtype)[None, None], e.to(feats_BTF.device, feats_BTF.dtype)[

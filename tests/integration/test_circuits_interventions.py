@@ -8,6 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from refusal_lab.circuits.ablation import (
+    Conditions,
+    Mode,
+    ablate,
+    ablate_complement,
+    condition_edit,
+    repeat_batch,
+    steer,
+)
 from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline, zero_baseline
 from refusal_lab.circuits.batches import PromptBatch, make_batches
 from refusal_lab.circuits.spliced import forward_batch, spliced
@@ -147,3 +156,112 @@ def test_zero_baseline_shapes(batch):
     feats, err = zero_baseline(saes).expand("mlp_1", batch, torch.tensor([3, 5]))
     assert feats.shape == (batch.size, batch.width, 2) and err.shape == (batch.size, batch.width, 64)
     assert not feats.any() and not err.any()
+
+
+def capture_layer_input(model, layer: int, out: dict):
+    """A pre-hook registered after the splice's, so it sees the spliced (edited) residual."""
+
+    def hook(_module, args, kwargs):
+        out["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    return model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_ablation_replaces_exactly_the_chosen_features_and_nothing_else(model, pad_id):
+    saes = random_saes(model.config.hidden_size)
+    contrast = make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6)
+    baseline = mean_baseline(model, saes, contrast)
+    batch = make_batches(random_prompts(4, seed=5), N_POST, pad_id, batch_size=4)[0]
+    hook = "residuals_1"  # the first hook point: nothing upstream is edited
+    with torch.no_grad(), spliced(model, saes) as clean:
+        seen: dict = {}
+        handle = capture_layer_input(model, 1, seen)
+        forward_batch(model, batch)
+        handle.remove()
+    f_clean, e_clean, x_clean = clean.feats[hook].clone(), clean.errors[hook].clone(), seen["x"]
+    # Choose features that are active somewhere, and one that is not, to make the change visible.
+    active = (f_clean > 0).flatten(0, 1).any(0).nonzero().flatten()
+    chosen = torch.cat([active[:3], (~(f_clean > 0).flatten(0, 1).any(0)).nonzero().flatten()[:1]])
+    bound = BoundBaseline(baseline, batch)
+    with torch.no_grad(), spliced(model, saes, edit=ablate({hook: chosen}, bound)) as run:
+        seen = {}
+        handle = capture_layer_input(model, 1, seen)
+        forward_batch(model, batch)
+        handle.remove()
+    f_new, e_new, x_new = run.feats[hook], run.errors[hook], seen["x"]
+    base_f, _ = baseline.expand(hook, batch)
+    others = torch.ones(f_clean.shape[-1], dtype=torch.bool)
+    others[chosen] = False
+    torch.testing.assert_close(f_new[..., chosen], base_f[..., chosen])
+    assert torch.equal(f_new[..., others], f_clean[..., others])
+    assert torch.equal(e_new, e_clean)  # the error node is untouched
+    # The activation moves by exactly the decoder rows times the change of the chosen features.
+    expected = x_clean + (base_f[..., chosen] - f_clean[..., chosen]) @ saes[hook].W_dec[chosen]
+    torch.testing.assert_close(x_new, expected, atol=1e-5, rtol=1e-5)
+    assert float((x_new - x_clean).abs().max()) > 1e-3
+
+
+def test_complement_ablation_keeps_the_circuit_and_the_error_node(model, batch, pad_id):
+    saes = random_saes(model.config.hidden_size)
+    contrast = make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6)
+    baseline = mean_baseline(model, saes, contrast)
+    hook = "residuals_1"
+    nodes = {hook: torch.tensor([0, 5, 9])}
+    with torch.no_grad(), spliced(model, saes) as clean:
+        forward_batch(model, batch)
+    with torch.no_grad(), spliced(model, saes, edit=ablate_complement(nodes, BoundBaseline(baseline, batch))) as run:
+        forward_batch(model, batch)
+    base_f, _ = baseline.expand(hook, batch)
+    keep = nodes[hook]
+    assert torch.equal(run.feats[hook][..., keep], clean.feats[hook][..., keep])
+    rest = torch.ones(base_f.shape[-1], dtype=torch.bool)
+    rest[keep] = False
+    torch.testing.assert_close(run.feats[hook][..., rest], base_f[..., rest])
+    assert torch.equal(run.errors[hook], clean.errors[hook])
+    # A hook without circuit nodes has every feature ablated.
+    base_mlp, _ = baseline.expand("mlp_1", batch)
+    torch.testing.assert_close(run.feats["mlp_1"], base_mlp)
+
+
+def test_steering_adds_alpha_times_the_unit_decoder_direction(model, batch):
+    saes = random_saes(model.config.hidden_size)
+    with torch.no_grad():
+        saes["residuals_1"].W_dec.mul_(2.0)  # non-unit rows: steering must still move by alpha
+    hook, feature, alpha = "residuals_1", 7, 3.0
+    with torch.no_grad(), spliced(model, saes) as clean:
+        seen: dict = {}
+        handle = capture_layer_input(model, 1, seen)
+        forward_batch(model, batch)
+        handle.remove()
+    x_clean = seen["x"]
+    with torch.no_grad(), spliced(model, saes, edit=steer({hook: torch.tensor([feature])}, alpha, saes)) as run:
+        seen = {}
+        handle = capture_layer_input(model, 1, seen)
+        forward_batch(model, batch)
+        handle.remove()
+    direction = saes[hook].W_dec[feature] / saes[hook].W_dec[feature].norm()
+    torch.testing.assert_close(seen["x"] - x_clean, (alpha * direction).expand_as(x_clean), atol=1e-5, rtol=1e-5)
+    assert torch.equal(run.errors[hook], clean.errors[hook])
+
+
+def test_stacked_conditions_equal_separate_runs(model, batch, pad_id):
+    """One forward over a batch repeated per condition gives each condition's own logits."""
+    saes = random_saes(model.config.hidden_size)
+    contrast = make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6)
+    baseline = mean_baseline(model, saes, contrast)
+    bound = BoundBaseline(baseline, batch)
+    sets = [
+        {"residuals_1": torch.tensor([1, 2])},
+        {"mlp_1": torch.tensor([4]), "attention_2": torch.tensor([0, 8])},
+        {},
+    ]
+    errors = torch.tensor([False, False, True])
+    conditions = Conditions(sets, ablate_errors=errors)
+    with torch.no_grad(), spliced(model, saes, edit=condition_edit(conditions, Mode.keep, bound)):
+        stacked = forward_batch(model, repeat_batch(batch, len(sets)))
+    for r, nodes in enumerate(sets):
+        single = Conditions([nodes], ablate_errors=errors[r : r + 1])
+        with torch.no_grad(), spliced(model, saes, edit=condition_edit(single, Mode.keep, bound)):
+            alone = forward_batch(model, batch)
+        rows = slice(r * batch.size, (r + 1) * batch.size)
+        torch.testing.assert_close(stacked[rows], alone, atol=1e-4, rtol=1e-4)
