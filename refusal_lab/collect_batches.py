@@ -22,7 +22,8 @@ from refusal_lab.data import Prompt
 from refusal_lab.generation import Generation, generate_greedy
 from refusal_lab.hooks import ActivationRecorder, hooks_registered
 from refusal_lab.models import input_device
-from refusal_lab.refusal import keyword_refusal, refusal_score, refusal_token_ids
+from refusal_lab.judge.core import refused_by_rule, rule_judge_for
+from refusal_lab.refusal import refusal_score, refusal_token_ids
 from refusal_lab.store import Phase, SampleRecord, TokenBlock
 from refusal_lab.store_writer import BackgroundWriter, StoreWriter
 
@@ -88,6 +89,7 @@ class BatchRunner:
         points = plan.hook_points if cfg.inference.save_activations else []
         self.recorder = ActivationRecorder(model, points, store_dtype_model)
         self.refusal_ids = refusal_token_ids(tokenizer, cfg.model.refusal_tokens)
+        self.rule_judge = rule_judge_for(cfg.judge, cfg.model.name, cfg.model.refusal_prefixes)  # `refused`
         eos = tokenizer.eos_token_id
         assert isinstance(eos, int), "a chat model's tokenizer has an EOS token"
         self.eos_ids = [eos]
@@ -114,6 +116,7 @@ class BatchRunner:
                 self.pad_id,
                 self.recorder,
                 record_generated=decode_cols > 0,
+                settings=self.plan.greedy,
             )
         keep_BC, table = token_table(gen, mask_BT, ids_BT, prompt_cols, decode_cols, n_post)
         b_idx, c_idx = keep_BC.nonzero(as_tuple=True)  # row-major: each sample's tokens in order
@@ -141,7 +144,7 @@ class BatchRunner:
                     category=prompt.category,
                     label=prompt.label,
                     response=response,
-                    refused=keyword_refusal(response, self.cfg.model.refusal_prefixes),
+                    refused=refused_by_rule(self.rule_judge, response, self.cfg.judge.partial_is_refused),
                     refusal_score=float(scores[row]),
                     n_prompt_tokens=len(rows[row]),
                     n_generated_tokens=int(n_generated[row]),

@@ -7,16 +7,43 @@ changes without any config field changing).
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
+
 from refusal_lab.collect_plan import CollectPlan
 from refusal_lab.config import RunConfig
+from refusal_lab.judge.core import rule_settings
+
+COLLECT_ALGORITHM_VERSION = 2
+"""Bumped whenever the collect code's output changes with no config field changing.
+2: generation_config's greedy fields are applied; the template and the prompts' token ids are hashed."""
+
+
+def token_ids_digest(token_ids: list[list[int]]) -> str:
+    """sha256 of every prompt's token ids, in prompt order (lengths included, so rows cannot run together)."""
+    digest = hashlib.sha256()
+    for row in token_ids:
+        digest.update(np.int64(len(row)).tobytes())
+        digest.update(np.asarray(row, dtype=np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def collect_fingerprint(cfg: RunConfig, plan: CollectPlan, prompts_fp: str) -> dict:
-    """Exactly the settings that change what the store holds (batch size and paths do not)."""
+    """Exactly what changes what the store holds (batch size and paths do not).
+
+    With `revision: null` the hub's chat template or tokenizer can change under the same model
+    name, so the template string and the token ids the prompts were actually formatted into are
+    part of it, as are the generation_config fields that change greedy decoding.
+    """
     m, inf = cfg.model, cfg.inference
     return {
         "stage": "collect",
         "format": 1,
+        "algorithm_version": COLLECT_ALGORITHM_VERSION,
+        "chat_template": plan.chat_template,
+        "prompt_token_ids": token_ids_digest(plan.token_ids),
+        "generation": plan.greedy.to_dict(),
         "model": {
             "name": m.name,
             "revision": m.revision,
@@ -33,4 +60,9 @@ def collect_fingerprint(cfg: RunConfig, plan: CollectPlan, prompts_fp: str) -> d
             "chunk_tokens": inf.chunk_tokens,
         },
         "prompts": prompts_fp,
+        # The samples' `refused` column is the rule judge's binary view (refusal_lab.judge).
+        "refused": {
+            **rule_settings(cfg.judge, m.name, m.refusal_prefixes),
+            "partial_is_refused": cfg.judge.partial_is_refused,
+        },
     }

@@ -5,6 +5,13 @@ A hook point maps to one module of `model.model.layers[N]`:
   mlp_N        -> forward hook on layers[N].mlp: the MLP output, before the residual add
   attention_N  -> forward hook on layers[N].self_attn: output[0] (after o_proj), before the residual add
 
+residuals_N works on any decoder laid out as `model.model.layers`. mlp_N and attention_N mean
+"what the sublayer adds to the residual stream" only where the layer is pre-norm with plain
+residual adds (residual_{N+1} = residual_N + attention_N + mlp_N); post-norm layers (Gemma-2
+normalises the sublayer output before adding it) break that, so these sites are accepted only
+for the model types in `DECOMPOSITION_VERIFIED`, each checked by
+tests/integration/test_activations.py against `output_hidden_states`.
+
 Every hook function receives the activation tensor [B, T, D] and may return a replacement
 (used for splicing SAE reconstructions and ablations) or None to leave it unchanged.
 
@@ -20,7 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from refusal_lab.errors import ConfigError
 from refusal_lab.layers import HookPoint, Site
+
+DECOMPOSITION_VERIFIED = frozenset({"llama", "mistral"})
+"""Model types (config.model_type) whose mlp_N / attention_N outputs add up to the residual stream,
+verified by test_decomposition_is_verified_for_every_registered_model_type; add a type only with its test."""
 
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
@@ -30,6 +42,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = model.get_submodule("model.layers")
     assert isinstance(layers, nn.ModuleList)
     return layers
+
+
+def check_sites_supported(
+    points: list[HookPoint], model_type: str, model_name: str, key: str = "model.activation_layers"
+) -> None:
+    """Refuse mlp_N / attention_N on a model type whose layer decomposition is not verified."""
+    if model_type in DECOMPOSITION_VERIFIED:
+        return
+    bad = [p.name for p in points if p.site != Site.RESIDUALS]
+    if bad:
+        shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise ConfigError(
+            f"{key}: {shown} not supported for {model_name} (model_type {model_type!r}): mlp_N and attention_N are "
+            f"verified to add up to the residual stream only for model types {sorted(DECOMPOSITION_VERIFIED)}; "
+            "use residuals_N (valid for any decoder with model.model.layers)"
+        )
 
 
 def module_for(model: nn.Module, point: HookPoint) -> nn.Module:
@@ -65,6 +93,8 @@ def _output_hook(fn: HookFn) -> Callable[..., Any]:
 @contextmanager
 def hooks_registered(model: nn.Module, fns: Mapping[HookPoint, HookFn]) -> Iterator[None]:
     """Register one hook per hook point for the duration of the block; always removes them."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    check_sites_supported(list(fns), model_type, type(model).__name__, key="hook points")
     handles = []
     try:
         for point, fn in fns.items():
