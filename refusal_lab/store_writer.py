@@ -294,6 +294,8 @@ class StoreWriter:
         target = getattr(torch, self.model_dtype) if self.encoding == "raw" else torch.float16
         if len(parts) == 1 and parts[0].dtype == target and parts[0].device.type == "cpu":
             out_ND = parts[0].detach().contiguous()  # already in the stored dtype: no copy
+            if self.encoding != "raw":  # a float16 block into a float16 store: float16 rows, as below
+                return out_ND.numpy(), 0
             return (out_ND.view(torch.uint16) if out_ND.element_size() == 2 else out_ND).numpy(), 0
         out_ND = torch.empty((sum(len(p) for p in parts), self.d_model), dtype=target)
         row = 0
@@ -308,7 +310,10 @@ class StoreWriter:
         n_inf = int(np.count_nonzero((half.view(np.uint16) & 0x7FFF) == 0x7C00))
         if n_inf == 0:
             return half, 0
-        n_inf_in = sum(int(torch.isinf(p).sum()) for p in parts if p.dtype != torch.float16)  # inf before storing
+        # Overflow = finite in the model's dtype, inf once stored. inf the model itself produced is not
+        # overflow, whichever dtype its block came in: a float16 block's own inf counts as nothing, as on
+        # the single-block path above, which stores it without looking.
+        n_inf_in = sum(int(torch.isinf(p).sum()) for p in parts)
         return half, n_inf - n_inf_in
 
     def append(self, *blocks: TokenBlock) -> None:

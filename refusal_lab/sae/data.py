@@ -3,9 +3,13 @@
 Reads: an `ActivationSource` (the store's token and sample tables, and activation rows in
 contiguous blocks). Writes nothing.
 
-* Held-out split: a seeded share of samples per label (by sample_id) is never trained on.
-* Filters: BOS (position 0), token phases, and per hook norm outliers (> factor x median norm;
-  applied per batch as a zero weight, since a token can be an outlier at one hook only).
+* Held-out split: a seeded share of each label's distinct prompts (by a hash of the prompt text,
+  so duplicates stay together) is never trained on.
+* Filters: BOS (position 0), token phases, and per hook norm outliers (> factor x median norm)
+  and rows holding inf/NaN (float16 overflow); the last two are dropped per batch by the trainer,
+  since a token can be an outlier at one hook only.
+* Balance: with `balance: label_category` each epoch draws its rows over the whole training set
+  (systematic sampling on the label/category weights), then packs them into windows as below.
 * Stream: the store is cut into blocks of `read_block_tokens` rows. Each epoch shuffles the
   blocks (seeded by epoch) and packs them into windows of at most `buffer_tokens` training
   rows; a window is read (one contiguous read per block and hook), shuffled, and cut into
@@ -17,6 +21,7 @@ Shape letters: N tokens, B batch, H hook points read together, D d_model.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from collections.abc import Generator, Iterator
@@ -34,17 +39,39 @@ PHASE_CODES = {TokenPhase.prompt: 0, TokenPhase.post_instruction: 1, TokenPhase.
 """The store's tokens/phase codes."""
 
 
-def held_out_samples(sample_ids: np.ndarray, labels: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """Sorted sample ids held out: round(share * n) of each label's samples, chosen by a seeded permutation."""
-    rng = np.random.default_rng([seed, 0x5AE])
-    held: list[np.ndarray] = []
-    for label in sorted(set(labels.tolist())):
-        ids = np.sort(sample_ids[labels == label])
-        n_held = int(round(share * len(ids)))
-        if len(ids) >= 2:
-            n_held = min(max(n_held, 1), len(ids) - 1)  # every label on both sides when it can be
-        held.append(ids[rng.permutation(len(ids))[:n_held]])
-    return np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+def prompt_hash(text: str, seed: int) -> int:
+    """A seeded 64-bit hash of a prompt's text: identical prompts always land on the same side of the split."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest(), "little")
+
+
+def held_out_samples(
+    sample_ids: np.ndarray, labels: np.ndarray, prompts: np.ndarray, share: float, seed: int
+) -> np.ndarray:
+    """Sorted sample ids held out: about `share` of each label's distinct prompts, every copy of a prompt together.
+
+    The split is by a seeded hash of the prompt text, not by sample id: data sets selected together can
+    hold the same prompt twice (or-bench-hard-1k is part of or-bench-80k), and a copy on each side would
+    put a training sequence among the held-out ones. Each distinct prompt is stratified under the label of
+    its first sample (lowest id); within a label, the round(share * n) distinct prompts with the smallest
+    hashes are held out.
+    """
+    prompts = np.asarray([str(p) for p in prompts])
+    order = np.argsort(sample_ids, kind="stable")
+    unique, first = np.unique(prompts[order], return_index=True)
+    stratum = labels[order][first]
+    hashes = np.array([prompt_hash(t, seed) for t in unique.tolist()], dtype=np.uint64)
+    held_prompts: list[np.ndarray] = []
+    for label in sorted(set(stratum.tolist())):
+        in_label = np.flatnonzero(stratum == label)
+        n_held = int(round(share * len(in_label)))
+        if len(in_label) >= 2:
+            n_held = min(max(n_held, 1), len(in_label) - 1)  # every label on both sides when it can be
+        by_hash = in_label[np.argsort(hashes[in_label], kind="stable")]
+        held_prompts.append(unique[by_hash[:n_held]])
+    if not held_prompts:
+        return np.zeros(0, dtype=np.int64)
+    held = np.isin(prompts, np.concatenate(held_prompts))
+    return np.sort(np.asarray(sample_ids)[held]).astype(np.int64)
 
 
 def token_filter_mask(tokens: dict[str, np.ndarray], filters: TokenFilterConfig) -> np.ndarray:
@@ -86,7 +113,12 @@ def plan_tokens(source: ActivationSource, cfg: SaeConfig, seed: int) -> TokenPla
     sample_ids = np.asarray(samples["sample_id"]).astype(np.int64)
     labels = np.asarray([str(x) for x in samples["label"]])
     categories = np.asarray([str(x) for x in samples["category"]])
-    held_ids = held_out_samples(sample_ids, labels, cfg.held_out_share, seed)
+    if "prompt" in samples:
+        prompts = np.asarray([str(x) for x in samples["prompt"]])
+    else:  # an in-memory source without prompt texts: every sample counts as a distinct prompt
+        log.warning("sae: the source has no prompt texts; the held-out split treats every sample as distinct")
+        prompts = np.asarray([f"sample {i}" for i in sample_ids.tolist()])
+    held_ids = held_out_samples(sample_ids, labels, prompts, cfg.held_out_share, seed)
 
     token_sample = np.asarray(tokens["sample_id"]).astype(np.int64)
     keep = token_filter_mask(tokens, cfg.filters)
@@ -94,9 +126,10 @@ def plan_tokens(source: ActivationSource, cfg: SaeConfig, seed: int) -> TokenPla
     train_rows = np.flatnonzero(keep & ~held)
     eval_all = np.flatnonzero(keep & held)
 
-    # Cap the evaluation set by whole samples (ascending sample id), so CE sequences match it.
-    eval_samples, first = np.unique(token_sample[eval_all], return_index=True)
-    counts = np.diff(np.append(first, len(eval_all)))
+    # Cap the evaluation set by whole samples (ascending sample id), so CE sequences match it. The store is in
+    # processing order (longest prompt first), not sorted by sample id: count each sample's rows, never diff
+    # first-occurrence indices.
+    eval_samples, counts = np.unique(token_sample[eval_all], return_counts=True)
     n_samples = int(np.searchsorted(np.cumsum(counts), cfg.eval_tokens, side="right"))
     n_samples = max(1, n_samples) if len(eval_samples) else 0
     eval_samples = eval_samples[:n_samples]
@@ -185,14 +218,39 @@ class WindowStream:
         self.buffer_tokens = buffer_tokens
         self.blocks = blocks_of(rows, source.n_tokens, min(block_size, buffer_tokens))
         self.n_rows = len(rows)
-        self.block_weights: list[np.ndarray] | None = None
-        if weights is not None:
-            self.block_weights = [weights[np.searchsorted(rows, r)] for _, _, r in self.blocks]
+        self.weights = weights
+        sizes = [len(r) for _, _, r in self.blocks]
+        self.block_starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # block b: rows[s[b]:s[b+1]]
+
+    def epoch_draws(self, epoch: int) -> list[np.ndarray] | None:
+        """Per block, how often each of its rows is drawn in the epoch (balance), or None: every row once.
+
+        The draws are made over the whole training set, not per window: the store is in prompt-length
+        order, which can cluster labels, and a window renormalised on its own would give every window
+        the same number of draws whatever its mix. Systematic sampling (n equally spaced points on the
+        weights' cumulative sum, rows in a seeded random order) draws exactly n rows per epoch, each row
+        floor or ceil of n * weight times, so the realised label/category shares match the target.
+        """
+        if self.weights is None:
+            return None
+        n = self.n_rows
+        rng = np.random.default_rng([self.seed, epoch, 0xBA1])
+        perm = rng.permutation(n)
+        cum = np.cumsum(self.weights[perm], dtype=np.float64)
+        cum *= n / cum[-1]
+        points = rng.random() + np.arange(n)
+        picked = np.minimum(np.searchsorted(cum, points, side="right"), n - 1)
+        counts = np.zeros(n, dtype=np.int64)
+        counts[perm] = np.bincount(picked, minlength=n)
+        return [counts[self.block_starts[b] : self.block_starts[b + 1]] for b in range(len(self.blocks))]
 
     def windows(self, epoch: int) -> list[Window]:
         """The epoch's windows: shuffled blocks packed up to buffer_tokens rows, each shuffled inside."""
         rng = np.random.default_rng([self.seed, epoch, 0x57])
         perm = rng.permutation(len(self.blocks))
+        draws = self.epoch_draws(epoch)
+        if draws is not None:  # blocks none of whose rows is drawn this epoch are not read
+            perm = perm[[bool(draws[b].any()) for b in perm.tolist()]]
         groups: list[list[int]] = [[]]
         size = 0
         for b in perm.tolist():
@@ -205,11 +263,11 @@ class WindowStream:
         out = []
         for group in groups:
             n = sum(len(self.blocks[b][2]) for b in group)
-            if self.block_weights is None:
+            if draws is None:
                 order = rng.permutation(n)
-            else:  # weighted sampling with replacement keeps the epoch length and the memory bound
-                w = np.concatenate([self.block_weights[b] for b in group])
-                order = rng.choice(n, size=n, replace=True, p=w / w.sum())
+            else:  # each row as often as the epoch's global draw says, in random order
+                counts = np.concatenate([draws[b] for b in group])
+                order = rng.permutation(np.repeat(np.arange(n), counts))
             out.append(Window([self.blocks[b] for b in group], order))
         return out
 
@@ -259,6 +317,7 @@ class HookStats:
     scale: float  # training input = activation * scale, so that E|x|^2 = d_model (1.0 when not normalising)
     n_tokens: int  # tokens the statistics were computed on
     n_outliers: int
+    n_nonfinite: int = 0  # rows of the statistics sample holding inf or NaN (dropped before any statistic)
 
     def as_dict(self) -> dict:
         return {
@@ -267,16 +326,28 @@ class HookStats:
             "input_scale": self.scale,
             "stats_tokens": self.n_tokens,
             "stats_outliers": self.n_outliers,
+            "stats_nonfinite": self.n_nonfinite,
         }
 
 
 def hook_stats(source: ActivationSource, hooks: list[str], rows: np.ndarray, cfg: SaeConfig) -> dict[str, HookStats]:
-    """Median norm, outlier threshold, mean and input scale per hook, from about `stats_tokens` training rows."""
+    """Median norm, outlier threshold, mean and input scale per hook, from about `stats_tokens` training rows.
+
+    Rows holding inf or NaN (a value beyond float16's range in a float16 store is inf) are dropped before
+    any statistic: one of them would make the mean, the median and the input scale inf, 0 or NaN.
+    """
     blocks = sample_rows(rows, cfg.stats_tokens, source.n_tokens, block_tokens(source, cfg))
     out = {}
     for hook in hooks:  # one hook at a time bounds memory at stats_tokens x d_model floats
         acts = read_rows(source, [hook], blocks)[0]
-        norms = np.linalg.norm(acts, axis=1).astype(np.float64)
+        finite = np.isfinite(acts).all(axis=1)
+        n_nonfinite = int((~finite).sum())
+        if n_nonfinite:
+            log.warning("sae: %s: %d of %d statistics rows hold inf/NaN; dropped", hook, n_nonfinite, len(acts))
+        acts = acts[finite]
+        if len(acts) == 0:
+            raise ValueError(f"sae: {hook}: every one of the {n_nonfinite} statistics rows holds inf or NaN")
+        norms = np.linalg.norm(acts.astype(np.float64), axis=1)
         median = float(np.median(norms))
         factor = cfg.filters.outlier_factor
         max_norm = float("inf") if factor is None else factor * median
@@ -284,5 +355,5 @@ def hook_stats(source: ActivationSource, hooks: list[str], rows: np.ndarray, cfg
         mean_sq = float((norms[keep] ** 2).mean())
         scale = float(np.sqrt(source.d_model / mean_sq)) if cfg.normalize_activations and mean_sq > 0 else 1.0
         mean = acts[keep].mean(0, dtype=np.float64).astype(np.float32)
-        out[hook] = HookStats(median, max_norm, mean, scale, len(acts), int((~keep).sum()))
+        out[hook] = HookStats(median, max_norm, mean, scale, len(acts), int((~keep).sum()), n_nonfinite)
     return out

@@ -3,8 +3,8 @@
 Reads: held-out activation rows (the `TokenPlan`'s eval rows) through `read_rows`.
 Writes: `feature_density.png` in a hook's folder when matplotlib is importable.
 
-Every metric is computed on held-out tokens that pass the filters (norm outliers excluded
-and counted), with the saved SAE (input scale folded in) on raw activations:
+Every metric is computed on held-out tokens that pass the filters (norm outliers and rows
+holding inf/NaN excluded and counted), with the saved SAE (input scale folded in) on raw activations:
 
 * FVU = sum|x - x_hat|^2 / sum|x - mean(x)|^2, explained_variance = 1 - FVU
 * l0: mean count of latents with a nonzero activation per token
@@ -41,6 +41,7 @@ class MetricAccumulator:
         f64 = dict(dtype=torch.float64, device=device)
         self.n = 0
         self.n_outliers = 0
+        self.n_nonfinite = 0
         self.sum_x = torch.zeros(d_in, **f64)  # type: ignore[arg-type]
         self.sums = torch.zeros(5, **f64)  # type: ignore[arg-type]  # |x|^2, |x-x_hat|^2, |x_hat|^2, x.x_hat, l0
         self.counts = torch.zeros(d_sae, dtype=torch.long, device=device)
@@ -71,6 +72,7 @@ class MetricAccumulator:
             "rel_bias": sum_xhat2 / sum_dot if sum_dot != 0 else math.nan,
             "eval_tokens": self.n,
             "eval_outliers": self.n_outliers,
+            "eval_nonfinite": self.n_nonfinite,
             "density_histogram": density_histogram(density, self.n),
             "thresholds": {"dead": "active on 0 held-out tokens", "dense": f"active on > {dense_threshold} of tokens"},
             "_density": density,  # per latent; saved as sparsity.safetensors, not in metrics.json
@@ -112,8 +114,10 @@ def evaluate_group(
             acts = torch.from_numpy(data_HND[h])
             for start in range(0, acts.shape[0], cfg.batch_size):
                 x = acts[start : start + cfg.batch_size].to(device)
-                keep = x.norm(dim=1) <= stats[hook].max_norm
-                accs[hook].n_outliers += int((~keep).sum())
+                finite = torch.isfinite(x).all(dim=1)
+                keep = finite & (x.norm(dim=1) <= stats[hook].max_norm)
+                accs[hook].n_nonfinite += int((~finite).sum())
+                accs[hook].n_outliers += int((finite & ~keep).sum())
                 x = x[keep]
                 codes = saes[hook].encode_sparse(x)
                 accs[hook].add(x, saes[hook].decode_sparse(codes), codes)

@@ -34,7 +34,9 @@ from refusal_lab.sae.train import CHECKPOINT, HookTrainer, total_steps, train_gr
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("fvu", "explained_variance", "l0", "dead_frac", "dense_frac", "rel_bias", "ce_recovered", "kl")
+SUMMARY_KEYS = (
+    "fvu", "explained_variance", "l0", "dead_frac", "dense_frac", "rel_bias", "ce_recovered", "kl", "nonfinite_dropped"
+)  # fmt: skip
 
 ModelLoader = Callable[[], tuple[Any, Any]]
 
@@ -134,6 +136,14 @@ def _train(
         total,
         cfg.batch_size,
     )
+    counts = getattr(source, "overflow_counts", None)  # the store's; an in-memory source has none
+    overflow = counts() if callable(counts) else None
+    if isinstance(overflow, dict) and any(overflow.get(h) for h in todo):
+        log.warning(
+            "sae: the store holds values beyond float16's range (stored as inf) per hook: %s; rows holding them "
+            "are dropped from statistics, training and metrics, and counted in nonfinite_dropped",
+            {h: overflow[h] for h in todo if overflow.get(h)},
+        )
     sequences, ce_reason = held_out_sequences(source.tokens(), plan.eval_sample_ids, cfg.ce_max_samples)
     if sequences is not None and model_loader is None:
         sequences, ce_reason = None, "no model_loader was given"
@@ -203,10 +213,19 @@ def _commit(
     if not save_density_png(metrics["density_histogram"], png, f"{hook} feature density"):
         png = None  # type: ignore[assignment]
     steps = trainer.step
+    dropped = trainer.dropped()
+    nonfinite = {
+        "stats_rows": trainer.stats.n_nonfinite,
+        "train_draws": dropped["nonfinite"],
+        "held_out_rows": metrics["eval_nonfinite"],
+    }
+    if any(nonfinite.values()):
+        log.warning("sae: %s: rows holding inf/NaN dropped: %s", hook, nonfinite)
     full = {
         **{k: metrics.get(k) for k in ("fvu", "explained_variance", "l0", "dead_frac", "dense_frac", "rel_bias")},
         "ce_recovered": ce.get("ce_recovered"),
         "kl": ce.get("kl"),
+        "nonfinite_dropped": nonfinite,
         "hook": hook,
         "architecture": cfg.architecture.value,
         "d_in": sae.d_in,
@@ -225,6 +244,7 @@ def _commit(
             "seconds": trainer.seconds,
             "tokens_per_s": steps * cfg.batch_size / max(trainer.seconds, 1e-9),
             "resumed_from_step": trainer.resumed_from,
+            "outlier_draws_dropped": dropped["outliers"],
         },
     }
     write_json_atomic(folder / METRICS, full)

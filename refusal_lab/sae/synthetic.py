@@ -61,6 +61,7 @@ def planted_source(
     }
     table = {
         "sample_id": samples.astype(np.int32),
+        "prompt": [f"planted prompt {i}" for i in samples],
         "label": [LABELS[i % len(LABELS)] for i in samples],
         "category": [CATEGORIES[(i // len(LABELS)) % len(CATEGORIES)] for i in samples],
     }

@@ -11,7 +11,7 @@ sum|x - x_hat|^2 / sum|x - mean x|^2, plus for relu `l1_coefficient * sum|f|_1 /
 SAELens loss sum|x - x_hat|^2 + l1_coefficient * sum|f|_1 divided by the batch variance, so SAELens's
 coefficients carry over), plus
 for topk/batchtopk `auxk_alpha * min(n_dead / k_aux, 1) * FVU(residual, dead latents' reconstruction)`
-(AuxK, Gao et al. 2024). Norm-outlier tokens get weight 0.
+(AuxK, Gao et al. 2024). Norm-outlier tokens and tokens holding inf/NaN are dropped from the batch.
 
 Shape letters: N tokens, H hooks, B batch, D d_model, F d_sae.
 """
@@ -113,9 +113,17 @@ class HookTrainer:
         self.threshold_sum = torch.zeros((), dtype=torch.float64, device=device)  # batchtopk, training units
         self.threshold_n = 0
         self.seconds = 0.0  # wall time of the group steps this trainer took part in
+        self.n_nonfinite = torch.zeros((), dtype=torch.long, device=device)  # training-batch rows with inf/NaN
+        self.n_outliers = torch.zeros((), dtype=torch.long, device=device)  # training-batch norm outliers
 
     def train_step(self, raw_ND: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimizer step on a batch of raw activations; returns detached diagnostics (no device sync)."""
+        """One optimizer step on a batch of raw activations; returns detached diagnostics.
+
+        Rows holding inf/NaN and norm outliers are dropped from the batch before the forward pass (one
+        device sync for the boolean index): they take no BatchTopK slot, never feed the JumpReLU
+        threshold, never count as tokens on which a latent stayed silent, and `0 * inf` never reaches the
+        loss.
+        """
         cfg, sae = self.cfg, self.sae
         lr = cfg.lr * lr_factor(self.step, self.total, cfg.lr_warmup_fraction, cfg.lr_decay, cfg.lr_decay_fraction)
         for group in self.opt.param_groups:
@@ -123,17 +131,25 @@ class HookTrainer:
         if self.use_aux and self.step % DEAD_REFRESH_STEPS == 0:
             self.dead = self.since_fired >= self.dead_after
             self.n_dead = int(self.dead.sum())
-        w = (raw_ND.norm(dim=1) <= self.stats.max_norm).float()
-        x = raw_ND * self.stats.scale
+        finite = torch.isfinite(raw_ND).all(dim=1)
+        keep = finite & (raw_ND.norm(dim=1) <= self.stats.max_norm)
+        self.n_nonfinite += (~finite).sum()
+        self.n_outliers += (finite & ~keep).sum()
+        x = raw_ND[keep] * self.stats.scale
+        n = x.shape[0]
+        self.step += 1
+        if n == 0:  # nothing to learn from; the schedule still advances, so the step count stays exact
+            nan = torch.tensor(math.nan)
+            return {"loss": nan, "fvu": nan, "l0": nan, "dead_frac": self._dead_frac(), "lr": torch.tensor(lr)}
         out = sae.train_forward(x, self.autocast, self.dead if self.use_aux and self.n_dead > 0 else None, self.auxk_k)
-        fvu, variance = _weighted_fvu(x, out.x_hat, w)
+        fvu, variance = _fvu(x, out.x_hat)
         loss = fvu
         if out.l1 is not None:
-            loss = loss + cfg.l1_coefficient * (w * out.l1).sum() / variance
+            loss = loss + cfg.l1_coefficient * out.l1.sum() / variance
         if out.aux_recon is not None:
             residual = (x - out.x_hat).detach()
             scale = min(self.n_dead / self.auxk_k, 1.0)
-            loss = loss + cfg.auxk_alpha * scale * _weighted_fvu(residual, out.aux_recon, w)[0]
+            loss = loss + cfg.auxk_alpha * scale * _fvu(residual, out.aux_recon)[0]
         loss.backward()
         sae.project_decoder_grad()
         self.opt.step()
@@ -143,20 +159,26 @@ class HookTrainer:
             active = out.codes.vals > 0
             fired = torch.zeros_like(self.dead)
             fired[out.codes.cols[active]] = True
-            self.since_fired += raw_ND.shape[0]
+            self.since_fired += n
             self.since_fired[fired] = 0
-            if cfg.architecture == Architecture.batchtopk and self.step >= self.threshold_from:
+            if cfg.architecture == Architecture.batchtopk and self.step > self.threshold_from:
                 smallest = torch.where(active, out.codes.vals.detach(), math.inf).min()
                 self.threshold_sum += torch.where(torch.isinf(smallest), 0.0, smallest)
                 self.threshold_n += 1
-        self.step += 1
         return {
             "loss": loss.detach(),
             "fvu": fvu.detach(),
-            "l0": active.sum() / raw_ND.shape[0],
-            "dead_frac": (self.since_fired >= self.dead_after).float().mean(),
+            "l0": active.sum() / n,
+            "dead_frac": self._dead_frac(),
             "lr": torch.tensor(lr),
         }
+
+    def _dead_frac(self) -> torch.Tensor:
+        return (self.since_fired >= self.dead_after).float().mean()
+
+    def dropped(self) -> dict[str, int]:
+        """Training-batch rows dropped so far (each time a row was drawn): inf/NaN, and norm outliers."""
+        return {"nonfinite": int(self.n_nonfinite), "outliers": int(self.n_outliers)}
 
     def export(self) -> Sae:
         """A copy that acts on raw activations (input scale folded in; batchtopk gets its JumpReLU threshold)."""
@@ -185,6 +207,8 @@ class HookTrainer:
             "dead": self.dead,
             "n_dead": self.n_dead,
             "seconds": self.seconds,
+            "n_nonfinite": self.n_nonfinite,
+            "n_outliers": self.n_outliers,
         }
         tmp = folder / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
@@ -206,13 +230,14 @@ class HookTrainer:
         self.dead = state["dead"].to(self.device)
         self.n_dead = int(state["n_dead"])
         self.seconds = float(state["seconds"])
+        self.n_nonfinite = state["n_nonfinite"].to(self.device)
+        self.n_outliers = state["n_outliers"].to(self.device)
 
 
-def _weighted_fvu(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, w_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted FVU of the batch, its weighted total variance sum_n w_n |x_n - mean|^2, detached)."""
-    mean = (w_N[:, None] * x_ND).sum(0) / w_N.sum().clamp_min(1.0)
-    variance = (w_N * (x_ND - mean).pow(2).sum(1)).sum().clamp_min(1e-12).detach()
-    return (w_N * (x_hat_ND - x_ND).pow(2).sum(1)).sum() / variance, variance
+def _fvu(x_ND: torch.Tensor, x_hat_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FVU of the batch, its total variance sum_n |x_n - mean|^2, detached)."""
+    variance = (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12).detach()
+    return (x_hat_ND - x_ND).pow(2).sum() / variance, variance
 
 
 def train_group(

@@ -117,7 +117,8 @@ def test_every_hook_gets_a_saelens_folder_and_metrics(stage_run):
         assert not (folder / CHECKPOINT).exists()
         metrics = json.loads((folder / METRICS).read_text())
         assert set(entry) == {"fvu", "explained_variance", "l0", "dead_frac", "dense_frac", "rel_bias",
-                              "ce_recovered", "kl", "path"}  # fmt: skip
+                              "ce_recovered", "kl", "nonfinite_dropped", "path"}  # fmt: skip
+        assert entry["nonfinite_dropped"] == {"stats_rows": 0, "train_draws": 0, "held_out_rows": 0}
         assert np.isclose(metrics["explained_variance"], 1 - metrics["fvu"])
         assert 0 <= metrics["dead_frac"] <= 1 and 0 <= metrics["dense_frac"] <= 1
         assert metrics["l0"] <= 8 + 1e-9

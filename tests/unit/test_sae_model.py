@@ -154,3 +154,42 @@ def test_norm_outliers_get_zero_weight():
     batch[0] *= 1000.0
     unmasked.train_step(batch)  # without the threshold the outlier does move the SAE
     assert not torch.allclose(unmasked.sae.W_dec, results[0].W_dec)
+
+
+def test_nonfinite_rows_never_reach_training():
+    """With no outlier threshold (outlier_factor: null), an inf row is still dropped: the step equals one without it."""
+    x = torch.randn(32, 16)
+    poisoned = x.clone()
+    poisoned[5, 3] = float("inf")
+    poisoned[9, 0] = float("nan")
+    clean = torch.cat([x[:5], x[6:9], x[10:]])
+    a, b = trainer(lr=0.01), trainer(lr=0.01)  # max_norm inf: no norm filter
+    a.train_step(poisoned)
+    b.train_step(clean)
+    assert all(torch.isfinite(p).all() for p in a.sae.parameters())
+    for name, p in a.sae.named_parameters():
+        torch.testing.assert_close(p, dict(b.sae.named_parameters())[name], atol=0, rtol=0)
+    assert a.dropped() == {"nonfinite": 2, "outliers": 0}
+
+
+@pytest.mark.parametrize("architecture", [Architecture.batchtopk, Architecture.topk])
+def test_dropped_tokens_take_no_slots_no_threshold_and_no_dead_counts(architecture):
+    """Norm outliers (weight 0) change nothing: not the BatchTopK selection, the threshold or the dead counters."""
+    x = torch.randn(32, 16)
+    batch = x.clone()
+    batch[[0, 7, 20]] *= 1000.0  # far above max_norm
+    clean = x[[i for i in range(32) if i not in (0, 7, 20)]]
+    runs = []
+    for data in (batch, clean):
+        tr = trainer(architecture, lr=0.01)
+        tr.stats.max_norm = 50.0
+        tr.threshold_from = 0  # every step feeds the batchtopk threshold
+        for _ in range(3):
+            tr.train_step(data)
+        runs.append(tr)
+    a, b = runs
+    for name, p in a.sae.named_parameters():
+        torch.testing.assert_close(p, dict(b.sae.named_parameters())[name], atol=0, rtol=0)
+    assert torch.equal(a.since_fired, b.since_fired)  # counts only kept tokens
+    assert a.threshold_n == b.threshold_n and torch.equal(a.threshold_sum, b.threshold_sum)
+    assert a.dropped()["outliers"] == 9

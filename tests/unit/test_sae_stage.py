@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from refusal_lab.sae.config import Balance, SaeConfig, TokenFilterConfig
-from refusal_lab.sae.saelens import METRICS
+from refusal_lab.sae.data import plan_tokens
+from refusal_lab.sae.saelens import CFG, METRICS
 from refusal_lab.sae.stage import train_saes
 from refusal_lab.sae.synthetic import planted_source
 
@@ -54,3 +55,23 @@ def test_balanced_training_runs_and_keeps_unweighted_metrics(tmp_path):
     result = train_saes(source, quick_cfg(balance=Balance.label_category), tmp_path, model_loader=None, seed=0)
     metrics = json.loads((tmp_path / "residuals_0" / METRICS).read_text())
     assert result["residuals_0"]["fvu"] < 1.0 and metrics["eval_tokens"] > 0
+
+
+def test_nonfinite_rows_are_dropped_counted_and_reported(tmp_path):
+    source, _ = planted_source(n_samples=60, tokens_per_sample=20, d=16, n_features=32)
+    acts = source.acts["residuals_0"]
+    bad = np.arange(3, len(acts), 97)  # float16 overflow, spread over training and held-out samples
+    acts[bad, 2] = np.inf
+    cfg = quick_cfg(filters=TokenFilterConfig(outlier_factor=None), epochs=2)
+    result = train_saes(source, cfg, tmp_path, model_loader=None, seed=0)["residuals_0"]
+    metrics = json.loads((tmp_path / "residuals_0" / METRICS).read_text())
+    assert np.isfinite(result["fvu"]) and result["fvu"] < 1.0
+    scale = json.loads((tmp_path / "residuals_0" / CFG).read_text())["refusal_lab"]["input_scale"]
+    assert np.isfinite(scale) and scale > 0
+    dropped = result["nonfinite_dropped"]  # summary.json["sae"][hook]
+    assert dropped == metrics["nonfinite_dropped"]
+    plan = plan_tokens(source, cfg, 0)
+    n_train, n_held = np.isin(bad, plan.train_rows).sum(), np.isin(bad, plan.eval_rows).sum()
+    assert n_train > 0 and n_held > 0
+    assert dropped["held_out_rows"] == n_held and dropped["stats_rows"] == n_train  # stats read every training row
+    assert 2 * n_train <= dropped["train_draws"] <= 3 * n_train  # 2 epochs (the last step may start a third)

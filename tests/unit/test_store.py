@@ -229,6 +229,27 @@ def test_float16_overflow_is_counted(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert any("mlp_1" in r.message and "float16" in r.message for r in caplog.records)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_overflow_count_is_the_same_one_block_at_a_time_and_grouped(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A grouped commit (several blocks in one append) counts exactly what one append per block counts."""
+    blocks = make_blocks(3, dtype=dtype, seed=4)
+    blocks[0].acts["mlp_1"][0, 0] = float("inf")  # the model's own inf: never an overflow
+    blocks[1].acts["mlp_1"][1, 1] = float("-inf")
+    if dtype == torch.float32:
+        blocks[2].acts["mlp_1"][2, 2] = 1e6  # beyond float16: the one overflow
+    single = open_writer(tmp_path / "single", "float16", dtype)
+    for block in blocks:
+        single.append(block)
+    grouped = open_writer(tmp_path / "grouped", "float16", dtype)
+    grouped.append(*blocks)
+    expected = {"residuals_0": 0, "mlp_1": 1 if dtype == torch.float32 else 0, "attention_2": 0}
+    assert single._manifest["overflow_counts"] == grouped._manifest["overflow_counts"] == expected
+    single.finalize()
+    stored = ActivationStore.open(tmp_path / "single").read("mlp_1", 0, sum(b.n_tokens for b in blocks))
+    as_half = torch.cat([b.acts["mlp_1"] for b in blocks]).to(torch.float16).float().numpy()
+    assert np.array_equal(stored, as_half)  # float16 blocks appended one by one into float16 chunks, bits intact
+
+
 def test_reader_refuses_incomplete_store(tmp_path: Path, blocks: list[TokenBlock]) -> None:
     writer = open_writer(tmp_path / "s")
     with pytest.raises(StoreIncompleteError, match="0 samples committed"):
