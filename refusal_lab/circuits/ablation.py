@@ -11,8 +11,9 @@ acts at every position of every forward call (prompt, template, and each generat
   the activation (alpha / |W_dec[i]| added to the feature's activation; the shipped decoder rows
   have unit norm, so alpha is in the activation's own units). The error node is untouched.
 
-Many conditions in one forward: `condition_edit` takes one node set per condition and a
-batch repeated once per condition (`repeat_batch`): rows [r * B, (r + 1) * B) run condition r.
+Many conditions in one forward: `stacked_edit` takes a list of `Condition`s (node set, mode,
+alpha) and a batch repeated once per condition (`repeat_batch`): rows [r * B, (r + 1) * B) run
+condition r.
 So a faithfulness curve, the random sets and the circuit cost one forward per batch, never one
 per feature or per set (issue 9 item 13).
 
@@ -21,8 +22,8 @@ Shape letters: R conditions, B batch, T positions, F SAE features, D d_model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import torch
@@ -37,31 +38,26 @@ Nodes = dict[str, torch.Tensor]
 
 
 class Mode(StrEnum):
-    ablate = "ablate"  # masked features -> baseline
-    keep = "keep"  # unmasked features -> baseline (the masked ones are the kept circuit)
-    steer = "steer"  # masked features += alpha
+    ablate = "ablate"  # the condition's features -> baseline
+    keep = "keep"  # every other feature -> baseline (the condition's features are the kept circuit)
+    steer = "steer"  # the condition's features += alpha (along unit decoder directions)
 
 
 @dataclass
-class Conditions:
-    """R conditions, one node set each (a hook missing from a set has no nodes in that condition)."""
+class Condition:
+    """One intervention: a node set and what to do with it."""
 
-    node_sets: list[dict[str, torch.Tensor]]
-    ablate_errors: torch.Tensor | None = None
-    """bool [R]: also set the error node to the baseline in these conditions (the empty circuit)."""
+    nodes: dict[str, torch.Tensor] = field(default_factory=dict)
+    """hook -> feature indices (a hook left out has no nodes)."""
+    mode: Mode = Mode.ablate
+    alpha: float = 0.0
+    """steer: added along each node's unit decoder direction."""
+    ablate_errors: bool = False
+    """Also set every error node to the baseline (the empty circuit)."""
 
-    @property
-    def n(self) -> int:
-        return len(self.node_sets)
 
-    def mask(self, hook: str, n_feats: int) -> torch.Tensor:
-        """bool [R, F]: True on each condition's features at `hook`."""
-        out = torch.zeros(self.n, n_feats, dtype=torch.bool)
-        for r, nodes in enumerate(self.node_sets):
-            idx = nodes.get(hook)
-            if idx is not None:
-                out[r, idx.long().cpu()] = True
-        return out
+CLEAN = Condition()
+"""No edit: ablating the empty set."""
 
 
 def repeat_batch(batch: PromptBatch, n: int) -> PromptBatch:
@@ -72,70 +68,80 @@ def repeat_batch(batch: PromptBatch, n: int) -> PromptBatch:
     return PromptBatch(**{**vars(batch), **fields, "index": batch.index * n})
 
 
-def condition_edit(
-    conditions: Conditions,
-    mode: Mode,
-    baseline: BoundBaseline | None = None,
-    alpha: float = 0.0,
-    saes: Mapping[str, Sae] | None = None,
+def _tables(
+    conditions: Sequence[Condition], hook: str, feats: torch.Tensor, saes: Mapping[str, Sae] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(replace bool [R, F], add [R, F] or None) of every condition at one hook."""
+    n_feats = feats.shape[-1]
+    replace = torch.zeros(len(conditions), n_feats, dtype=torch.bool)
+    add = torch.zeros(len(conditions), n_feats, dtype=feats.dtype)
+    for r, cond in enumerate(conditions):
+        mask = torch.zeros(n_feats, dtype=torch.bool)
+        idx = cond.nodes.get(hook)
+        if idx is not None:
+            mask[idx.long().cpu()] = True
+        if cond.mode == Mode.ablate:
+            replace[r] = mask
+        elif cond.mode == Mode.keep:
+            replace[r] = ~mask
+        else:
+            step = torch.full((n_feats,), cond.alpha, dtype=feats.dtype)
+            if saes is not None:  # alpha along the unit direction, whatever the decoder row's norm
+                step = step / saes[hook].W_dec.detach().norm(dim=-1).cpu().to(feats.dtype).clamp_min(1e-8)
+            add[r] = torch.where(mask, step, torch.zeros_like(step))
+    steered = any(c.mode == Mode.steer for c in conditions)
+    return replace.to(feats.device), add.to(feats.device) if steered else None
+
+
+def stacked_edit(
+    conditions: Sequence[Condition], baseline: BoundBaseline | None = None, saes: Mapping[str, Sae] | None = None
 ) -> FeatureEdit:
-    """An edit for `repeat_batch(batch, conditions.n)`, with `baseline` bound to the un-repeated batch.
+    """One edit running condition r on rows [r * B, (r + 1) * B) of `repeat_batch(batch, len(conditions))`.
 
-    Steering with `saes` given adds alpha times the *unit* decoder direction (alpha / |W_dec[i]| to
-    the feature); without, alpha to the feature (the same for unit-norm decoders).
+    `baseline` is bound to the un-repeated batch (needed unless every condition steers or is
+    CLEAN). With `saes`, steering divides alpha by each decoder row's norm.
     """
-    if mode != Mode.steer and baseline is None:
-        raise ValueError(f"condition_edit: mode {mode} needs a baseline")
-    cache: dict[str, torch.Tensor] = {}
-
-    def mask_for(hook: str, feats: torch.Tensor) -> torch.Tensor:
-        if hook not in cache:
-            mask = conditions.mask(hook, feats.shape[-1]).to(feats.device)
-            if mode == Mode.steer:
-                step = torch.full((feats.shape[-1],), alpha, dtype=feats.dtype, device=feats.device)
-                if saes is not None:
-                    step = step / saes[hook].W_dec.detach().norm(dim=-1).to(feats.device, feats.dtype).clamp_min(1e-8)
-                cache[hook] = mask.to(feats.dtype) * step
-            else:
-                cache[hook] = mask
-        return cache[hook]
+    if not conditions:
+        raise ValueError("stacked_edit: no conditions")
+    n = len(conditions)
+    errors = torch.tensor([c.ablate_errors for c in conditions])
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def edit(hook: str, feats_BTF: torch.Tensor, err_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, seq, n_feats = feats_BTF.shape
-        r = conditions.n
-        if rows % r:
-            raise ValueError(f"condition_edit: {rows} rows is not a multiple of {r} conditions")
-        mask_R11F = mask_for(hook, feats_BTF)[:, None, None, :]
-        f_RBTF = feats_BTF.view(r, rows // r, seq, n_feats)
-        if mode == Mode.steer:
-            return (f_RBTF + mask_R11F).view(rows, seq, n_feats), err_BTD
-        assert baseline is not None
-        base_f, base_e = baseline.values(hook, f_RBTF[0])
-        replace = mask_R11F if mode == Mode.ablate else ~mask_R11F
-        out = torch.where(replace, base_f[None], f_RBTF).view(rows, seq, n_feats)
-        if conditions.ablate_errors is not None and bool(conditions.ablate_errors.any()):
-            errs = conditions.ablate_errors.to(err_BTD.device)[:, None, None, None]
-            e_RBTD = err_BTD.view(r, rows // r, seq, -1)
-            err_BTD = torch.where(errs, base_e[None], e_RBTD).view(rows, seq, -1)
-        return out, err_BTD
+        if rows % n:
+            raise ValueError(f"stacked_edit: {rows} rows is not a multiple of {n} conditions")
+        if hook not in cache:
+            cache[hook] = _tables(conditions, hook, feats_BTF, saes)
+        replace_RF, add_RF = cache[hook]
+        f_RBTF = feats_BTF.view(n, rows // n, seq, n_feats)
+        need_base = bool(replace_RF.any()) or bool(errors.any())
+        if need_base:
+            if baseline is None:
+                raise ValueError("stacked_edit: an ablating condition needs a baseline")
+            base_f, base_e = baseline.values(hook, f_RBTF[0])
+            f_RBTF = torch.where(replace_RF[:, None, None, :], base_f[None], f_RBTF)
+            if bool(errors.any()):
+                e_RBTD = err_BTD.view(n, rows // n, seq, -1)
+                e_RBTD = torch.where(errors.to(err_BTD.device)[:, None, None, None], base_e[None], e_RBTD)
+                err_BTD = e_RBTD.reshape(rows, seq, -1)
+        if add_RF is not None:
+            f_RBTF = f_RBTF + add_RF[:, None, None, :]
+        return f_RBTF.reshape(rows, seq, n_feats), err_BTD
 
     return edit
 
 
-def _single(nodes: Mapping[str, torch.Tensor]) -> Conditions:
-    return Conditions([dict(nodes)])
-
-
 def ablate(nodes: Mapping[str, torch.Tensor], baseline: BoundBaseline) -> FeatureEdit:
     """The chosen features take the baseline's value at every position; the rest and the error node stay."""
-    return condition_edit(_single(nodes), Mode.ablate, baseline)
+    return stacked_edit([Condition(dict(nodes), Mode.ablate)], baseline)
 
 
 def ablate_complement(nodes: Mapping[str, torch.Tensor], baseline: BoundBaseline) -> FeatureEdit:
     """Every feature outside the circuit takes the baseline's value; the error nodes are kept."""
-    return condition_edit(_single(nodes), Mode.keep, baseline)
+    return stacked_edit([Condition(dict(nodes), Mode.keep)], baseline)
 
 
 def steer(nodes: Mapping[str, torch.Tensor], alpha: float, saes: Mapping[str, Sae] | None = None) -> FeatureEdit:
     """Adds alpha times each chosen feature's (unit) decoder direction at every position."""
-    return condition_edit(_single(nodes), Mode.steer, alpha=alpha, saes=saes)
+    return stacked_edit([Condition(dict(nodes), Mode.steer, alpha)], saes=saes)

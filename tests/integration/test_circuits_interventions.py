@@ -9,12 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_lab.circuits.ablation import (
-    Conditions,
+    Condition,
     Mode,
     ablate,
     ablate_complement,
-    condition_edit,
     repeat_batch,
+    stacked_edit,
     steer,
 )
 from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline, zero_baseline
@@ -250,18 +250,17 @@ def test_stacked_conditions_equal_separate_runs(model, batch, pad_id):
     contrast = make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6)
     baseline = mean_baseline(model, saes, contrast)
     bound = BoundBaseline(baseline, batch)
-    sets = [
-        {"residuals_1": torch.tensor([1, 2])},
-        {"mlp_1": torch.tensor([4]), "attention_2": torch.tensor([0, 8])},
-        {},
+    conditions = [
+        Condition({"residuals_1": torch.tensor([1, 2])}, Mode.keep),
+        Condition({"mlp_1": torch.tensor([4]), "attention_2": torch.tensor([0, 8])}, Mode.ablate),
+        Condition({}, Mode.keep, ablate_errors=True),
+        Condition({"mlp_1": torch.tensor([3])}, Mode.steer, alpha=2.0),
     ]
-    errors = torch.tensor([False, False, True])
-    conditions = Conditions(sets, ablate_errors=errors)
-    with torch.no_grad(), spliced(model, saes, edit=condition_edit(conditions, Mode.keep, bound)):
-        stacked = forward_batch(model, repeat_batch(batch, len(sets)))
-    for r, nodes in enumerate(sets):
-        single = Conditions([nodes], ablate_errors=errors[r : r + 1])
-        with torch.no_grad(), spliced(model, saes, edit=condition_edit(single, Mode.keep, bound)):
+    with torch.no_grad(), spliced(model, saes, edit=stacked_edit(conditions, bound, saes)):
+        stacked = forward_batch(model, repeat_batch(batch, len(conditions)))
+    for r, cond in enumerate(conditions):
+        with torch.no_grad(), spliced(model, saes, edit=stacked_edit([cond], bound, saes)):
             alone = forward_batch(model, batch)
         rows = slice(r * batch.size, (r + 1) * batch.size)
         torch.testing.assert_close(stacked[rows], alone, atol=1e-4, rtol=1e-4)
+    assert float((stacked[: batch.size] - stacked[batch.size : 2 * batch.size]).abs().max()) > 1e-3
