@@ -1,6 +1,7 @@
 """Turn a committed activation store into the `collect` entry of summary.json.
 
-Reads: the store's sample table and manifest. Writes nothing (pipeline writes summary.json).
+Reads: the store's sample table, manifest and attrs (the run config that collected it). Writes nothing
+(pipeline writes summary.json).
 """
 
 from __future__ import annotations
@@ -21,8 +22,25 @@ def _rates(keys: list[str], refused: np.ndarray) -> dict[str, dict[str, float]]:
     return {k: {"rate": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
 
 
+def _free_judges(store: ActivationStore, samples: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """Agreement of the judges every store can afford: the store's rule column, keyword, score at 0."""
+    from refusal_lab.judge.core import keyword_codes, score_codes
+    from refusal_lab.judge.labels import CODES, Verdict
+    from refusal_lab.judge.metrics import judges_agreement
+
+    prefixes = list(store.attrs.get("config", {}).get("model", {}).get("refusal_prefixes", []))
+    refused = np.asarray(samples["refused"], dtype=bool)
+    codes = {
+        "rule": np.where(refused, CODES[Verdict.full_refusal], CODES[Verdict.full_compliance]).astype(np.int8),
+        "score": score_codes(np.asarray(samples["refusal_score"], dtype=np.float64), 0.0),
+    }
+    if prefixes:
+        codes["keyword"] = keyword_codes([str(r) for r in samples["response"]], prefixes)
+    return judges_agreement(codes, dict.fromkeys(codes, False), labels)
+
+
 def collect_summary(store_path: Path) -> dict[str, Any]:
-    """Counts, hook points and refusal rates (keyword judge; first-token score beside it)."""
+    """Counts, hook points and refusal rates (the rule judge's binary view; first-token score beside it)."""
     store = ActivationStore.open(store_path)
     samples = store.samples()
     refused = np.asarray(samples["refused"], dtype=bool)
@@ -31,6 +49,7 @@ def collect_summary(store_path: Path) -> dict[str, Any]:
     categories = [str(x) for x in samples["category"]]
     by_label = _rates(labels, refused)
     by_category = _rates(categories, refused)
+    judges = _free_judges(store, samples, labels)
     return {
         "store": str(store_path),
         "fingerprint": store.fingerprint,
@@ -38,7 +57,7 @@ def collect_summary(store_path: Path) -> dict[str, Any]:
         "tokens": store.n_tokens,
         "hook_points": store.hook_points,
         "refusal_rate": {
-            "judge": "keyword prefix match (model.refusal_prefixes)",
+            "judge": "rule judge, binary view (refusal_lab.judge.rules; judge.partial_is_refused)",
             "overall": float(refused.mean()) if len(refused) else float("nan"),
             "by_label": {k: v["rate"] for k, v in by_label.items()},
             "by_category": {k: v["rate"] for k, v in by_category.items()},
@@ -53,7 +72,9 @@ def collect_summary(store_path: Path) -> dict[str, Any]:
             "mean_by_label": {
                 lab: float(score[[i for i, x in enumerate(labels) if x == lab]].mean()) for lab in sorted(set(labels))
             },
-            "judge_agreement": float(np.mean(refused == (score > 0))) if len(refused) else float("nan"),
+            # The rule judge's binary view vs score > 0 (the full three-class report: the judge stage).
+            "judge_agreement": judges["pairs"]["rule~score"]["binary"]["agreement"],
         },
+        "judges": judges,
         "overflow_counts": store.overflow_counts(),
     }

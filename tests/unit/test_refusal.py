@@ -12,7 +12,6 @@ import torch
 from refusal_lab.config import ConfigError
 from refusal_lab.refusal import (
     REFUSAL_PREFIXES,
-    judge_agreement,
     keyword_refusal,
     refusal_score,
     refusal_token_ids,
@@ -109,16 +108,6 @@ def test_refusal_score_checks_its_inputs():
         refusal_score(torch.zeros(1, 4), [4])
     with pytest.raises(ValueError, match="non-empty"):
         refusal_score(torch.zeros(1, 4), [])
-
-
-def test_judge_agreement():
-    keyword = [True, False, True, False]
-    score = [2.0, -1.0, -0.5, 0.0]  # score 0 counts as not refusing
-    assert judge_agreement(keyword, score) == 0.75
-    assert judge_agreement(torch.tensor([True]).tolist(), torch.tensor([-3.0], dtype=torch.float64)) == 0.0
-    assert math.isnan(judge_agreement([], []))
-    with pytest.raises(ValueError, match="one length"):
-        judge_agreement([True], [1.0, 2.0])
 
 
 def test_refusal_token_ids_with_the_llama2_tokenizer(tmp_path):
