@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from refusal_lab.circuits.config import CircuitsConfig
 from refusal_lab.devices import Device
 from refusal_lab.errors import ConfigError
+from refusal_lab.judge.config import JudgeConfig
 from refusal_lab.layers import parse_layer_spec
 from refusal_lab.sae.config import SaeConfig
 
@@ -81,6 +82,7 @@ class Stage(StrEnum):
     """Pipeline stages, in pipeline order (refusal_lab.stages holds what each one does)."""
 
     collect = "collect"
+    judge = "judge"
     sae = "sae"
     circuits = "circuits"
 
@@ -284,6 +286,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
     circuits: CircuitsConfig = field(default_factory=CircuitsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -314,6 +317,7 @@ def register_configs() -> None:
     cs.store(group="schema/model", name="base", node=ModelConfig, package="model")
     cs.store(group="schema/inference", name="base", node=InferenceConfig, package="inference")
     cs.store(group="schema/data", name="base", node=DataConfig, package="data")
+    cs.store(group="schema/judge", name="base", node=JudgeConfig, package="judge")
     cs.store(group="schema/sae", name="base", node=SaeConfig, package="sae")
     cs.store(group="schema/circuits", name="base", node=CircuitsConfig, package="circuits")
     cs.store(group="schema/tracking", name="base", node=TrackingConfig, package="tracking")
