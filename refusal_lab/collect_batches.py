@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from refusal_lab.config import InferenceConfig, RunConfig
 from refusal_lab.data import Prompt
 from refusal_lab.generation import Generation, generate_greedy
 from refusal_lab.hooks import ActivationRecorder, hooks_registered
-from refusal_lab.models import input_device
 from refusal_lab.judge.core import refused_by_rule, rule_judge_for
+from refusal_lab.models import input_device
 from refusal_lab.refusal import refusal_score, refusal_token_ids
 from refusal_lab.store import Phase, SampleRecord, TokenBlock
 from refusal_lab.store_writer import BackgroundWriter, StoreWriter
@@ -120,15 +121,10 @@ class BatchRunner:
             )
         keep_BC, table = token_table(gen, mask_BT, ids_BT, prompt_cols, decode_cols, n_post)
         b_idx, c_idx = keep_BC.nonzero(as_tuple=True)  # row-major: each sample's tokens in order
-        acts = {
-            p.name: _to_host(self.recorder.view(p, len(rows), prompt_cols + decode_cols)[b_idx, c_idx])
-            for p in self.recorder.points
-        }
-        ready = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            ready = event.synchronize
+        width = prompt_cols + decode_cols
+        views = {p.name: self.recorder.view(p, len(rows), width) for p in self.recorder.points}
+        acts = {name: _to_host(cells) for name, cells in gather_cells(views, b_idx, c_idx).items()}
+        ready = _copies_done(acts)
         scores = refusal_score(gen.first_logits_BV, self.refusal_ids).cpu().tolist()
         tokens = gen.tokens_BM.cpu()
         valid = gen.valid_BM.cpu()
@@ -161,6 +157,42 @@ class BatchRunner:
             acts=acts,
             ready=ready,
         )
+
+
+def gather_cells(views: dict[str, torch.Tensor], b_idx: torch.Tensor, c_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """views[name][b_idx, c_idx] for every capture buffer, each on its own device.
+
+    With `device_map=auto` the buffers live on their layers' GPUs while the indices come from the
+    embedding's device, and PyTorch refuses indices on another GPU: move them once per device.
+    """
+    moved: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, view_BCD in views.items():
+        device = view_BCD.device
+        if device not in moved:
+            moved[device] = (b_idx.to(device, non_blocking=True), c_idx.to(device, non_blocking=True))
+        b, c = moved[device]
+        out[name] = view_BCD[b, c]
+    return out
+
+
+def _copies_done(acts: dict[str, torch.Tensor]) -> Callable[[], None] | None:
+    """What the writer waits on before reading `acts`: one CUDA event per source GPU of the async copies."""
+    devices = {a.device for a in acts.values() if a.device.type == "cuda"}
+    if not devices:
+        return None
+    events = []
+    for device in devices:
+        with torch.cuda.device(device):
+            event = torch.cuda.Event()
+            event.record()  # on the device's current stream, where its copy to pinned memory was queued
+            events.append(event)
+
+    def wait() -> None:
+        for event in events:
+            event.synchronize()
+
+    return wait
 
 
 def _to_host(acts_ND: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from refusal_lab.errors import ConfigError
 from refusal_lab.generation import generate_greedy
-from refusal_lab.hooks import ActivationRecorder, hooks_registered
+from refusal_lab.hooks import DECOMPOSITION_VERIFIED, ActivationRecorder, hooks_registered
 from refusal_lab.layers import expand_layer_spec
 
 PAD = 2
@@ -110,3 +111,44 @@ def test_hooks_are_removed_even_on_error(tiny_llama):
     assert not model.model.layers[0]._forward_pre_hooks
     assert not model.model.layers[1].mlp._forward_hooks
     model(torch.tensor([[1, 5, 6]]))  # runs without the failing hook
+
+
+MODEL_FIXTURES = {"llama": "tiny_llama", "mistral": "tiny_mistral"}
+"""A tiny model per model type in hooks.DECOMPOSITION_VERIFIED: the verification of that registry."""
+
+
+def test_every_verified_model_type_has_its_verification():
+    assert set(MODEL_FIXTURES) == set(DECOMPOSITION_VERIFIED), "add a model type to the registry only with its test"
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_FIXTURES))
+def test_decomposition_is_verified_for_every_registered_model_type(model_type, request):
+    """residuals_{N+1} = residuals_N + attention_N + mlp_N, against output_hidden_states (see `reference`)."""
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(MODEL_FIXTURES[model_type])).eval()
+    assert model.config.model_type == model_type
+    reference(model, [1, *range(200, 230)], len(model.model.layers))
+
+
+def test_post_norm_model_keeps_residuals_and_refuses_sublayer_hooks(tiny_llama, tmp_path):
+    """Gemma-2 normalises each sublayer's output before the residual add: mlp_N would not be what is added."""
+    from tests.integration.test_collect_plan import build_tiny_gemma2
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_gemma2(tmp_path / "gemma2", tiny_llama)).eval()
+    sequence = [1, *range(200, 220)]
+    with pytest.raises(AssertionError):
+        reference(model, sequence, len(model.model.layers))  # the decomposition does not hold here
+    mlp = expand_layer_spec(["mlp_1"], 3)
+    refused = pytest.raises(ConfigError, match=r"hook points: mlp_1 not supported .*'gemma2'")
+    with refused, hooks_registered(model, dict.fromkeys(mlp, lambda _acts: None)):
+        pass
+    # residuals_N is the layer input on any decoder: it equals hidden_states[N].
+    points = expand_layer_spec(["all"], 3)
+    ids = torch.tensor([sequence])
+    recorder = ActivationRecorder(model, points, torch.float32)
+    recorder.reset(1, ids.shape[1], 0)
+    with hooks_registered(model, recorder.hook_fns()):
+        generate_greedy(model, ids, torch.ones_like(ids), 1, [PAD], PAD, recorder)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    for point in points:
+        torch.testing.assert_close(recorder.view(point, 1, ids.shape[1])[0], hidden[point.layer][0])

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AutoModelForCausalLM
 
 from refusal_lab.config import (
@@ -179,3 +180,51 @@ def test_out_of_memory_halves_the_batch_and_loses_no_sample(tiny_llama, shared_d
     reference = run(make_cfg(tiny_llama, shared_data, tmp_path / "ref"), tmp_path / "ref_run", tmp_path)
     ref_store = ActivationStore.open(Path(reference["collect"]["store"]))
     assert store.n_tokens == ref_store.n_tokens
+
+
+class IndexDevices(TorchFunctionMode):
+    """Records (indexed tensor's device, index tensors' devices) of every tensor-indexed `__getitem__`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.device, list[torch.device]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            devices = [i.device for i in index if isinstance(i, torch.Tensor)]
+            if devices:
+                self.calls.append((args[0].device, devices))
+        return func(*args, **(kwargs or {}))
+
+
+def test_gather_moves_indices_to_each_buffers_device(tiny_llama, shared_data, tmp_path):
+    """device_map=auto puts capture buffers on their layers' GPUs while the gather indices come from the
+    embedding's device, which PyTorch refuses for two GPUs. On CPU a buffer on the `meta` device stands
+    in for the other GPU (meta accepts CPU indices, so the devices are checked at every indexing call)."""
+    from refusal_lab.collect_batches import BatchRunner
+    from refusal_lab.collect_plan import plan_collect
+    from refusal_lab.data import load_prompts
+    from refusal_lab.layers import HookPoint, Site
+    from refusal_lab.models import load_model, load_tokenizer
+
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path)
+    prompts = load_prompts(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    plan = plan_collect(cfg, tokenizer, prompts)
+    runner = BatchRunner(cfg, load_model(cfg.model), tokenizer, plan, torch.float32)
+    other = HookPoint(Site.MLP, 1)
+    runner.recorder._devices[other] = torch.device("meta")  # where load_model(device_map=auto) would put it
+    indices = plan.order[:3]
+    with IndexDevices() as mode:
+        block = runner.run(prompts, indices)
+    assert mode.calls
+    for tensor_device, index_devices in mode.calls:
+        assert all(d == tensor_device for d in index_devices), (tensor_device, index_devices)
+    assert block.acts[other.name].device.type == "meta"
+    assert block.acts[other.name].shape == (block.n_tokens, plan.d_model)
+    # The buffers on the model's device still give the same cells as a run with all buffers there.
+    reference = BatchRunner(cfg, runner.model, tokenizer, plan, torch.float32).run(prompts, indices)
+    for name, acts in reference.acts.items():
+        if name != other.name:
+            torch.testing.assert_close(block.acts[name], acts)
