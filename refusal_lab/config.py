@@ -298,6 +298,8 @@ class RunConfig:
     """Explicit activation-store location; it must be empty or hold this exact run."""
     seed: int = 0
     """Global seed (torch, numpy, python)."""
+    upstream_timeout_s: float = 86400.0
+    """Seconds a stage waits for an upstream artifact another running or queued job claims (refusal_lab.claims)."""
 
     def __post_init__(self) -> None:
         errors: list[str] = []

@@ -13,6 +13,7 @@ simply continues.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 
 import torch
 
+from refusal_lab.claims import claimed, wait_verified
 from refusal_lab.collect import plan_collect
 from refusal_lab.config import ConfigError, RunConfig, Stage
 from refusal_lab.data import load_prompts_with_report
-from refusal_lab.fingerprint import exclusive, fingerprint, write_json_atomic
+from refusal_lab.fingerprint import fingerprint, write_json_atomic
 from refusal_lab.models import load_model, load_tokenizer
+from refusal_lab.shards import claim_paths
+from refusal_lab.stage_jobs import locked, stage_locks
 from refusal_lab.stages import RunContext, StageSpec, stage_specs, to_plain
 from refusal_lab.tracking import make_tracker
 
@@ -80,7 +84,9 @@ def plan_stages(cfg: RunConfig, ctx: RunContext) -> list[StageSpec]:
     for spec in selected:
         for name in _upstream(spec, specs):
             if name not in cfg.stages and name not in verified:
-                specs[name].verify(ctx)
+                # Waits while another job (running, or queued) claims the artifact; fails at once otherwise.
+                verify = functools.partial(specs[name].verify, ctx)
+                wait_verified(verify, claim_paths(ctx, name), name.value, cfg.upstream_timeout_s)
                 verified.add(name)
         spec.prepare(ctx)
     return selected
@@ -123,7 +129,7 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     )
     try:
         for spec in selected:
-            with exclusive(ctx.paths[spec.name]):
+            with claimed(ctx.paths[spec.name]), locked(stage_locks(spec, ctx)):
                 summary[spec.name.value] = spec.run(ctx)
             write_json_atomic(run_dir / SUMMARY, summary)
     finally:

@@ -71,10 +71,11 @@ class TokenFilterConfig:
     """Drop tokens whose activation norm exceeds this many times the hook's median norm (None keeps all)."""
 
 
-OUTPUT_NEUTRAL_FIELDS = ("log_every", "checkpoint_every", "cpu_threads")
+OUTPUT_NEUTRAL_FIELDS = ("log_every", "checkpoint_every", "cpu_threads", "hooks")
 """SaeConfig fields that change how training runs or reports, not the SAEs it produces: they are
 left out of the SAE artifacts' fingerprint, so changing one never retrains a finished SAE
-(cpu_threads can move float sums in the last bit, which no metric shows)."""
+(cpu_threads can move float sums in the last bit, which no metric shows; hooks only picks which of
+the folder's SAEs a job trains, refusal_lab.stage_jobs)."""
 
 
 @dataclass
@@ -124,6 +125,8 @@ class SaeConfig:
     """Shuffle-window size in tokens; host memory ~ 2 (prefetch) x hooks_per_group x buffer_tokens x d_model x 4 B."""
     read_block_tokens: int = 4096
     """Contiguous rows read from the store at a time; windows are made of randomly chosen blocks."""
+    hooks: list[str] = field(default_factory=list)
+    """Train only these hook points (one SAE per array task: 'sae.hooks=[residuals_0],[residuals_1]'); empty: all."""
     hooks_per_group: int = 8
     """Hook points trained together from one pass over the store. Each holds its SAE, gradients and Adam state on
     the device, ~16 x d_model x d_sae bytes (8.6 GB at d_model 4096, 16x): use 4 or fewer for 7B models."""

@@ -47,7 +47,15 @@ class SaeStage:
         return sae_dir(ctx.artifacts, ctx.fingerprints[Stage.sae])
 
     def prepare(self, ctx: RunContext) -> None:
-        return None
+        from refusal_lab.stage_jobs import selected_hooks
+
+        selected_hooks(ctx.cfg.sae.hooks, [h.name for h in ctx.plan.hook_points])  # sae.hooks names hook points
+
+    def locks(self, ctx: RunContext) -> list[Path]:
+        """One lock per hook this job trains (not the folder): per-hook array tasks run in parallel."""
+        from refusal_lab.stage_jobs import hook_locks, selected_hooks
+
+        return hook_locks(self.artifact(ctx), selected_hooks(ctx.cfg.sae.hooks, [h.name for h in ctx.plan.hook_points]))
 
     def verify(self, ctx: RunContext) -> None:
         from refusal_lab.config import ConfigError
@@ -62,13 +70,16 @@ class SaeStage:
             )
 
     def run(self, ctx: RunContext) -> dict[str, dict[str, Any]]:
-        from refusal_lab.sae.stage import run_sae_stage
+        from refusal_lab.sae.source import open_store
+        from refusal_lab.sae.stage import train_saes
+        from refusal_lab.stage_jobs import HookSubset
 
-        return run_sae_stage(
+        return train_saes(
+            HookSubset(open_store(ctx.store_path), ctx.cfg.sae.hooks),  # sae.hooks: this job's share of the hooks
             ctx.cfg.sae,
-            ctx.store_path,
             self.artifact(ctx),
             model_loader=lambda: (ctx.model(), ctx.tokenizer),
             seed=ctx.cfg.seed,
             tracker=ctx.tracker,
+            store=str(ctx.store_path),
         )

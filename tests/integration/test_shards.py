@@ -18,10 +18,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file
 
+from refusal_lab.claims import UpstreamMissingError
 from refusal_lab.config import RunConfig, register_configs
 from refusal_lab.pipeline import run
 from refusal_lab.store import ActivationStore
-from refusal_lab.store_parts import JoinedStore, MissingPartError, index_path
+from refusal_lab.store_parts import JoinedStore, index_path
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = 3
@@ -139,5 +140,6 @@ def test_a_missing_part_stops_the_sae_stage_naming_it(single_and_sharded, tmp_pa
     index = json.loads(index_path(store).read_text())
     del index["parts"]["2"]
     index_path(copy).write_text(json.dumps(index))
-    with pytest.raises(MissingPartError, match=r"part 2 of 3 is missing .*inference.shards=3 inference.shard=2"):
+    # No job claims the part (refusal_lab.claims), so the SAE job fails at once rather than waiting for it.
+    with pytest.raises(UpstreamMissingError, match=r"part 2 of 3 is missing .*inference.shards=3 inference.shard=2"):
         run(config(f"artifacts_dir={tmp_path}", "stages=[sae]"), tmp_path / "run", REPO)
