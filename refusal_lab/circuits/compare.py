@@ -57,8 +57,9 @@ SHARED_SHARE = 0.8
 """A feature is `shared` when it is in the circuits of at least this share of the categories."""
 SET_SHARED, SET_DISTINCT = 0.5, 0.2
 """Descriptive thresholds on the weighted Jaccard CI between discovery sets (see `compare_sets`)."""
-MIN_PROMPTS = 8
-"""Categories with fewer prompts are left out of the comparison (as the stage skips them)."""
+MIN_PROMPTS = 4
+"""Categories with fewer prompts are left out (the permutation test is exact at any size, but a bootstrap over
+fewer than 4 prompts says nothing; the default run has 4-5 discovery prompts per category)."""
 CHUNK = 64
 """Replicates scored together (bounds memory at CHUNK * C * C * P floats)."""
 

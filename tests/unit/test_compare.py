@@ -110,7 +110,7 @@ def test_seeded_and_reproducible() -> None:
 def test_small_categories_are_left_out_and_edges_are_scored() -> None:
     effects, cats, hooks, feats, _ = planted(6, specific=3)
     cats = cats.copy()
-    cats[:20] = "tiny"  # 20 of fraud's 24 prompts: fraud keeps 4 (< 8)
+    cats[:21] = "tiny"  # 21 of fraud's 24 prompts: fraud keeps 3 (< 4)
     edges = np.array([[0, 1], [1, 2], [20, 21], [26, 27]])
     out = compare_categories(effects, cats, hooks, feats, size=12, n_permutations=49, n_bootstrap=10, edges=edges)
     assert "fraud" in out["skipped_categories"]

@@ -1,0 +1,402 @@
+"""Report sections for the circuits stage: per discovery set the layered graph, faithfulness and
+completeness curves, ablation against random sets, the category comparison heatmaps and the
+feature cards. Reads summary.json["circuits"] and the set folders' graph.json / validation.json
+/ feature_cards.json; computes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from refusal_lab.report import plots
+from refusal_lab.report.html import Raw, esc, figure, fmt, note, pct, table, verdict
+from refusal_lab.report.sections import read_json, resolve
+
+SETS = ("toxic", "safe", "over_refusal")
+GRAPH, VALIDATION, CARDS = "graph.json", "validation.json", "feature_cards.json"
+MAX_GRAPH_NODES = 40
+"""The graph plot shows the strongest nodes only (by |effect|); the JSON holds all of them."""
+
+
+def _set_dir(entry: dict[str, Any], circuits: dict[str, Any], name: str, run_dir: Path) -> Path | None:
+    for key in ("path", "dir", "folder"):
+        if entry.get(key):
+            return resolve(entry[key], run_dir)
+    root = resolve(circuits.get("path"), run_dir)
+    return None if root is None else root / name
+
+
+def _node_key(node: Any) -> tuple[str, int] | None:
+    """(hook, feature) of a node given as a dict, a [hook, feature] pair or a 'hook:feature' string."""
+    if isinstance(node, dict):
+        hook = node.get("hook")
+        feature = node.get("feature", -1 if node.get("error") or node.get("kind") == "error" else None)
+        return None if hook is None or feature is None else (str(hook), int(feature))
+    if isinstance(node, list | tuple) and len(node) == 2:
+        return str(node[0]), int(node[1])
+    if isinstance(node, str) and ":" in node:
+        hook, feature = node.rsplit(":", 1)
+        return hook, -1 if feature in ("error", "err", "-1") else int(feature)
+    return None
+
+
+def graph_plot(graph: dict[str, Any], title: str) -> str | None:
+    """The layered drawing of a graph.json (nodes with hook/feature/effect, edges source/target/weight)."""
+    raw_nodes = graph.get("nodes") or []
+    keyed: dict[tuple[str, int], dict[str, Any]] = {}
+    ids: dict[Any, tuple[str, int]] = {}
+    for node in raw_nodes:
+        key = _node_key(node)
+        if key is None:
+            continue
+        effect = float(node.get("effect", 0.0)) if isinstance(node, dict) else 0.0
+        keyed[key] = {
+            "hook": key[0],
+            "label": "err" if key[1] < 0 else f"f{key[1]}",
+            "effect": effect,
+            "error": key[1] < 0,
+        }
+        if isinstance(node, dict) and "id" in node:
+            ids[node["id"]] = key
+    if not keyed:
+        return None
+    strongest = sorted(keyed, key=lambda k: -abs(keyed[k]["effect"]))[:MAX_GRAPH_NODES]
+    index = {k: i for i, k in enumerate(strongest)}
+    edges = []
+    for edge in graph.get("edges") or []:
+        if isinstance(edge, dict):
+            src, dst = (
+                edge.get("source", edge.get("src", edge.get("from"))),
+                edge.get("target", edge.get("dst", edge.get("to"))),
+            )
+            weight = edge.get("weight", edge.get("effect", 1.0))
+        elif isinstance(edge, list | tuple) and len(edge) >= 2:
+            src, dst, weight = edge[0], edge[1], edge[2] if len(edge) > 2 else 1.0
+        else:
+            continue
+        a, b = _lookup(src, ids), _lookup(dst, ids)
+        if a in index and b in index:
+            edges.append((index[a], index[b], float(weight)))
+    hooks = graph.get("hooks") or sorted({k[0] for k in strongest}, key=_hook_sort)
+    return plots.layered_graph(list(hooks), [keyed[k] for k in strongest], edges, title)
+
+
+def _lookup(ref: Any, ids: dict[Any, tuple[str, int]]) -> tuple[str, int] | None:
+    if isinstance(ref, str | int) and ref in ids:
+        return ids[ref]
+    return _node_key(ref)
+
+
+def _hook_sort(hook: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in hook.rsplit("_", 1)[-1] if ch.isdigit())
+    return (int(digits) if digits else 0, hook)
+
+
+def _curve(curve: Any) -> tuple[list[float], list[float]] | None:
+    """size -> value as a dict, or a list of [size, value] / {size, value}."""
+    if isinstance(curve, dict) and curve:
+        items = sorted((float(k), v) for k, v in curve.items() if v is not None)
+    elif isinstance(curve, list) and curve:
+        items = sorted((float(c["size"]), c["value"]) if isinstance(c, dict) else (float(c[0]), c[1]) for c in curve)
+    else:
+        return None
+    return [x for x, _ in items], [float(y) for _, y in items]
+
+
+def _random_values(validation: Any) -> list[float] | None:
+    """The random sets' refusal-rate drops when validation.json keeps them."""
+    if not isinstance(validation, dict):
+        return None
+    nested = validation.get("ablation")
+    ablation: dict[str, Any] = nested if isinstance(nested, dict) else validation
+    for key in ("random_refusal_rate_drops", "random_drops", "random"):
+        values = ablation.get(key)
+        if isinstance(values, list) and values and all(isinstance(v, int | float) for v in values):
+            return [float(v) for v in values]
+    return None
+
+
+def entry_table(entry: dict[str, Any]) -> str:
+    ablation = entry.get("ablation") or {}
+    rows = [
+        ["method", entry.get("method")],
+        [
+            "prompts (discovery / validation)",
+            f"{fmt(entry.get('n_prompts_discovery'))} / {fmt(entry.get('n_prompts_validation'))}",
+        ],
+        [
+            "nodes (SAE features) / error nodes / edges",
+            f"{fmt(entry.get('n_nodes'))} / {fmt(entry.get('n_error_nodes'))} / {fmt(entry.get('n_edges'))}",
+        ],
+        ["faithfulness (everything outside the circuit ablated, error nodes kept)", entry.get("faithfulness")],
+        ["completeness (the circuit ablated)", entry.get("completeness")],
+        ["refusal-rate drop, circuit ablated (held-out targets)", ablation.get("refusal_rate_drop")],
+        ["refusal-rate drop, median of random same-size sets", ablation.get("random_refusal_rate_drop_median")],
+        [
+            "circuit's percentile among random sets / p-value / n random",
+            f"{fmt(ablation.get('percentile'))} / {fmt(ablation.get('p_value'))} / {fmt(ablation.get('n_random'))}",
+        ],
+        ["KL on harmless prompts (circuit ablated)", ablation.get("kl_harmless")],
+    ]
+    out = table(["", "value"], [[Raw(esc(k)), v if not isinstance(v, str) else Raw(esc(v))] for k, v in rows])
+    by_label = ablation.get("refusal_rate_drop_by_label") or {}
+    if by_label:
+        out += table(["label", "refusal-rate drop (circuit ablated)"], list(by_label.items()))
+    return out
+
+
+def discovery_set(name: str, entry: dict[str, Any], circuits: dict[str, Any], run_dir: Path) -> str:
+    if entry.get("status") != "ok":
+        return f"<h3>{esc(name)}</h3>" + note(
+            f"{name}: {entry.get('status', 'not run')} ({entry.get('reason', 'no reason given')})."
+        )
+    folder = _set_dir(entry, circuits, name, run_dir)
+    out = f"<h3>{esc(name)}</h3>" + entry_table(entry)
+    graph = read_json(folder / GRAPH) if folder else None
+    svg = graph_plot(graph, f"{name} circuit") if isinstance(graph, dict) else None
+    out += (
+        figure(
+            f"graph-{name}",
+            svg,
+            f"{name}: nodes by hook point (columns, layer order), strongest {MAX_GRAPH_NODES} by "
+            "|effect|; red raises the refusal metric, blue lowers it; squares are error nodes; edge width ~ |effect|.",
+        )
+        if svg
+        else note(f"{name}: no graph.json in {folder}.")
+    )
+    series = {}
+    for key, label in (("faithfulness_curve", "faithfulness"), ("completeness_curve", "completeness")):
+        c = _curve(entry.get(key))
+        if c:
+            series[label] = c
+    if series:
+        out += figure(
+            f"faithfulness-{name}",
+            plots.curves(
+                series, "circuit size (features)", "share of the full model's metric", f"{name}: faithfulness"
+            ),
+            "Faithfulness (m(C) - m(∅)) / (m(M) - m(∅)) with everything outside the top-n features ablated to the "
+            "contrast mean (error nodes kept); completeness with those features ablated.",
+        )
+    else:
+        out += note(f"{name}: no faithfulness curve in summary.json.")
+    ablation = entry.get("ablation") or {}
+    if ablation.get("refusal_rate_drop") is not None:
+        validation = read_json(folder / VALIDATION) if folder else None
+        out += figure(
+            f"ablation-{name}",
+            plots.versus_random(
+                float(ablation["refusal_rate_drop"]),
+                _random_values(validation),
+                ablation.get("random_refusal_rate_drop_median"),
+                "refusal-rate drop",
+                f"{name}: ablation vs random sets",
+            ),
+            f"Refusal-rate drop on held-out {name} prompts with the circuit ablated, against random feature sets "
+            f"of the same size and per-hook counts (percentile {fmt(ablation.get('percentile'))}, "
+            f"p = {fmt(ablation.get('p_value'))}).",
+        )
+    tokens = entry.get("top_prompt_tokens") or {}
+    if tokens:
+        out += "<details><summary>Prompt tokens that drive the metric, per hook point</summary>"
+        for hook, items in tokens.items():
+            out += (
+                f"<b>{esc(hook)}</b> "
+                + ", ".join(f"<code>{esc(t.get('token'))}</code> {pct(t.get('effect_share'))}" for t in items[:20])
+                + "<br>"
+            )
+        out += "</details>"
+    by_cat = entry.get("by_category") or {}
+    if by_cat:
+        out += (
+            "<details><summary>Per-category circuits</summary>"
+            + table(
+                ["category", "status", "prompts", "nodes", "faithfulness", "completeness", "percentile", "p"],
+                [
+                    [
+                        c,
+                        e.get("status"),
+                        e.get("n_prompts_discovery"),
+                        e.get("n_nodes"),
+                        e.get("faithfulness"),
+                        e.get("completeness"),
+                        (e.get("ablation") or {}).get("percentile"),
+                        (e.get("ablation") or {}).get("p_value"),
+                    ]
+                    for c, e in sorted(by_cat.items())
+                ],
+                text_cols=2,
+            )
+            + "</details>"
+        )
+    return out
+
+
+def circuits_section(summary: dict[str, Any], run_dir: Path) -> str:
+    circuits = summary.get("circuits")
+    if not circuits:
+        return note("Circuits: the circuits stage did not run (no 'circuits' in summary.json).")
+    names = [s for s in SETS if s in circuits] + [
+        s for s in circuits if s not in SETS and isinstance(circuits[s], dict) and "status" in circuits[s]
+    ]
+    if not names:
+        return note("Circuits: summary.json['circuits'] holds no discovery set.")
+    return "".join(discovery_set(n, circuits[n], circuits, run_dir) for n in names)
+
+
+# --- comparison ----------------------------------------------------------------------------------
+
+
+def _marks(matrix: dict[str, Any], alpha: float) -> list[list[str]]:
+    p = matrix.get("p_adj") or []
+    return [
+        ["*" if (v is not None and i != j and v < alpha) else "" for j, v in enumerate(row)] for i, row in enumerate(p)
+    ]
+
+
+def comparison_section(summary: dict[str, Any], run_dir: Path) -> str:
+    comparison = (summary.get("circuits") or {}).get("comparison")
+    if not comparison:
+        return note("Category comparison: not computed (the circuits stage did not run or wrote no comparison).")
+    out = ""
+    by_set = comparison.get("categories") or {}
+    for name, comp in by_set.items():
+        out += f"<h3>{esc(name)}: categories compared</h3>"
+        if comp.get("status") != "ok":
+            out += note(f"{name}: {comp.get('status')} ({comp.get('reason', '')}).")
+            continue
+        m = comp["matrix"]
+        alpha = comp.get("alpha", 0.05)
+        out += (
+            f"<p>Overall: {verdict(comp['verdict'])} — {esc(comp['size_rule'])}; {fmt(comp['n_permutations'])} "
+            f"label permutations ({fmt(comp.get('seconds_per_permutation', 0) * 1000)} ms each), "
+            f"{fmt(comp['n_bootstrap'])} bootstrap draws, {esc(comp['correction'])} correction, "
+            f"seed {fmt(comp['seed'])}.</p>"
+        )
+        for key, title in (
+            ("weighted_jaccard", "weighted Jaccard of |effect|"),
+            ("node_jaccard", "node Jaccard (top-k)"),
+        ):
+            if key in m:
+                out += figure(
+                    f"heatmap-{name}-{key}",
+                    plots.heatmap(m["categories"], m[key], _marks(m, alpha), f"{name}: {title}"),
+                    f"{title}; * = less similar than shuffled category labels give "
+                    f"({comp['correction']}-corrected p < {alpha}, on the weighted Jaccard).",
+                )
+        out += f"<p class='muted'>Verdict rule: {esc(comp['verdict_rule'])}</p>"
+        out += (
+            "<details><summary>Every pair</summary>"
+            + table(
+                ["a", "b", "weighted J", "95% CI", "shuffled median", "p (corr.)", "node J", "p (corr.)", "verdict"],
+                [
+                    [
+                        p["a"],
+                        p["b"],
+                        p["weighted_jaccard"]["value"],
+                        Raw(f"{fmt(p['weighted_jaccard']['ci95'][0])}–{fmt(p['weighted_jaccard']['ci95'][1])}"),
+                        p["weighted_jaccard"]["null_median"],
+                        p["weighted_jaccard"]["p_adj"],
+                        p["node_jaccard"]["value"],
+                        p["node_jaccard"]["p_adj"],
+                        Raw(verdict(p["verdict"])),
+                    ]
+                    for p in comp["pairs"]
+                ],
+                text_cols=2,
+            )
+            + "</details>"
+        )
+        shared = comp.get("shared_features") or []
+        out += (
+            "<p><b>Shared features</b> (in most categories' circuits): "
+            + (", ".join(f"{esc(f['hook'])}/{f['feature']} ({fmt(f['effect'])})" for f in shared) or "none")
+            + "</p>"
+        )
+        specific = {c: v for c, v in (comp.get("category_specific") or {}).items() if v}
+        out += (
+            "<p><b>Category-specific features</b>: "
+            + (
+                "; ".join(
+                    f"{esc(c)}: " + ", ".join(f"{esc(f['hook'])}/{f['feature']} ({fmt(f['effect'])})" for f in v[:8])
+                    for c, v in specific.items()
+                )
+                or "none"
+            )
+            + "</p>"
+        )
+    sets = comparison.get("sets")
+    if sets and sets.get("pairs"):
+        out += (
+            "<h3>Discovery sets compared (is over-refusal the toxic circuit misfiring?)</h3>"
+            + table(
+                ["a", "b", "weighted J", "95% CI", "node J", "shared features", "verdict"],
+                [
+                    [
+                        p["a"],
+                        p["b"],
+                        p["weighted_jaccard"]["value"],
+                        Raw(f"{fmt(p['weighted_jaccard']['ci95'][0])}–{fmt(p['weighted_jaccard']['ci95'][1])}"),
+                        p["node_jaccard"]["value"],
+                        len(p["shared_features"]),
+                        Raw(verdict(p["verdict"])),
+                    ]
+                    for p in sets["pairs"]
+                ],
+                text_cols=2,
+            )
+            + f"<p class='muted'>{esc(sets['verdict_rule'])} (circuits of {fmt(sets['size'])} features).</p>"
+        )
+    return out or note("Category comparison: empty.")
+
+
+# --- feature cards -------------------------------------------------------------------------------
+
+
+def _context_html(ctx: dict[str, Any]) -> str:
+    tokens = ctx.get("tokens") or []
+    at = ctx.get("highlight", -1)
+    text = "".join(f"<mark>{esc(t)}</mark>" if i == at else esc(t) for i, t in enumerate(tokens))
+    where = f"{esc(ctx.get('category', ''))}/{esc(ctx.get('label', ''))}, activation {fmt(ctx.get('activation'))}"
+    return f'<div class="ctx">{text}</div><span class="muted">{where}</span>'
+
+
+def cards_section(summary: dict[str, Any], run_dir: Path) -> str:
+    circuits = summary.get("circuits")
+    if not circuits:
+        return note("Feature cards: the circuits stage did not run.")
+    out = ""
+    for name in [s for s in SETS if s in circuits]:
+        entry = circuits[name]
+        if entry.get("status") != "ok" or not entry.get("top_features"):
+            continue
+        folder = _set_dir(entry, circuits, name, run_dir)
+        extra = read_json(folder / CARDS) if folder else None
+        by_key = {(c["hook"], int(c["feature"])): c for c in (extra or {}).get("cards", [])}
+        cards = []
+        for f in entry["top_features"]:
+            card = by_key.get((f["hook"], int(f["feature"])), {})
+            tokens = ", ".join(
+                f"<code>{esc(t['token'])}</code> ({esc(t.get('phase', ''))}, {fmt(t.get('activation'))})"
+                for t in f.get("top_tokens", [])
+            )
+            body = f"<h4>{esc(f['hook'])} / feature {f['feature']} — effect {fmt(f['effect'])}</h4>"
+            body += f"<div>top tokens: {tokens or '—'}</div>"
+            for ctx in card.get("contexts", [])[:4]:
+                body += _context_html(ctx)
+            fires = card.get("fires_on") or {}
+            for key in ("label", "category"):
+                shares = fires.get(key) or {}
+                if shares:
+                    body += (
+                        f"<div>fires on ({key}): "
+                        + ", ".join(f"{esc(k)} {pct(v)}" for k, v in shares.items())
+                        + "</div>"
+                    )
+            cards.append(f'<div class="card">{body}</div>')
+        out += f"<h3>{esc(name)}: top features</h3>"
+        if not by_key:
+            out += note(f"{name}: no {CARDS} (contexts and firing shares); showing the summary's top tokens only.")
+        out += '<div class="cards">' + "".join(cards) + "</div>"
+    return out or note("Feature cards: no discovery set has top features.")
