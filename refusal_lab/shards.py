@@ -197,3 +197,11 @@ def collect_parts(ctx: RunContext, attrs: dict) -> dict[str, Any] | None:
     verify_parts(store_path, parent)
     log.info("collect: %s is complete for this config (joined from its parts); skipping", store_path)
     return collect_summary(store_path)
+
+
+def claim_paths(ctx: RunContext, stage: Stage) -> list[Path]:
+    """Where claims on `stage`'s artifact may be: its path, and for a sharded store every registered part."""
+    paths = [ctx.paths[stage]]
+    if stage == Stage.collect and is_parts_index(ctx.store_path):
+        paths += [Path(entry["path"]) for _, entry in sorted(PartsIndex.load(ctx.store_path).parts.items())]
+    return paths
