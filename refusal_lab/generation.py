@@ -132,7 +132,7 @@ def greedy_settings(config: GenerationConfig, model_name: str) -> GreedySettings
     sampling field nor known to change no greedy token is a ConfigError naming it.
     """
     fields = config.to_diff_dict()
-    sampling = {k: v for k, v in fields.items() if k in SAMPLING_FIELDS}
+    sampling = {k: v for k, v in fields.items() if k in SAMPLING_FIELDS and (k, v) != ("do_sample", False)}
     unsupported = {
         k: v
         for k, v in fields.items()

@@ -9,6 +9,9 @@ Grammar (one term per list entry, any mix in one list):
     SITE_all         every layer for that site: residuals_all, mlp_all, attention_all
     all              every residual layer (same as residuals_all)
 
+mlp_N and attention_N are accepted only on model types whose decomposition is verified
+(refusal_lab.hooks.check_sites_supported, called where the model's config is known).
+
 `parse_layer_spec` checks the syntax without a model (so config validation can fail
 before anything is loaded); `expand_layer_spec` resolves against the model's depth.
 """

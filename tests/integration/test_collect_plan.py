@@ -120,3 +120,14 @@ def test_mlp_and_attention_are_refused_on_an_unverified_architecture(tiny_llama,
     # residuals_N stays valid on any decoder with model.model.layers.
     plan = plan_for(replace(cfg, model=replace(cfg.model, activation_layers=["all"])))
     assert [p.name for p in plan.hook_points] == ["residuals_0", "residuals_1", "residuals_2"]
+
+
+def test_algorithm_version_names_the_store(tiny_llama, shared_data, tmp_path, monkeypatch):
+    """Bumping COLLECT_ALGORITHM_VERSION gives every config a new store (no stale store is reused)."""
+    from refusal_lab import collect_fingerprint as module
+
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path)
+    plan = plan_for(cfg)
+    before = fingerprint(collect_fingerprint(cfg, plan, "p"))
+    monkeypatch.setattr(module, "COLLECT_ALGORITHM_VERSION", module.COLLECT_ALGORITHM_VERSION + 1)
+    assert fingerprint(collect_fingerprint(cfg, plan, "p")) != before

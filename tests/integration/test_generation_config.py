@@ -91,9 +91,11 @@ def test_other_fields_are_refused_by_name(field: str, value: object) -> None:
         greedy_settings(config, "m")
 
 
-def test_no_op_values_are_accepted() -> None:
-    config = GenerationConfig(num_beams=1, min_length=0, repetition_penalty=1.0, eos_token_id=2)
-    assert greedy_settings(config, "m") == GreedySettings()
+def test_no_op_values_are_accepted_without_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    config = GenerationConfig(num_beams=1, min_length=0, repetition_penalty=1.0, do_sample=False, eos_token_id=2)
+    with caplog.at_level(logging.INFO, logger="refusal_lab.generation"):
+        assert greedy_settings(config, "m") == GreedySettings()
+    assert not [r for r in caplog.records if r.name == "refusal_lab.generation"]
 
 
 def test_generation_config_decides_the_collect_fingerprint(tiny_llama: Path, shared_data: Path, tmp_path: Path) -> None:
