@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_lab.circuits.ablation import (
+    CLEAN,
     Condition,
     Mode,
     ablate,
@@ -19,7 +21,11 @@ from refusal_lab.circuits.ablation import (
 )
 from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline, zero_baseline
 from refusal_lab.circuits.batches import PromptBatch, make_batches
+from refusal_lab.circuits.behaviour import behaviour_validation, feature_interventions, generate_under, kl_under
+from refusal_lab.circuits.config import MetricKind
+from refusal_lab.circuits.metric import MetricSpec, refusal_metric
 from refusal_lab.circuits.spliced import forward_batch, spliced
+from refusal_lab.circuits.validate import metric_validation
 from refusal_lab.sae.config import Architecture
 from refusal_lab.sae.model import Sae
 from refusal_lab.store import Phase
@@ -264,3 +270,104 @@ def test_stacked_conditions_equal_separate_runs(model, batch, pad_id):
         rows = slice(r * batch.size, (r + 1) * batch.size)
         torch.testing.assert_close(stacked[rows], alone, atol=1e-4, rtol=1e-4)
     assert float((stacked[: batch.size] - stacked[batch.size : 2 * batch.size]).abs().max()) > 1e-3
+
+
+def first_token_metric(logits, batch):
+    spec = MetricSpec(MetricKind.first_token_score, (306, 1724))
+    return refusal_metric(logits, batch, spec)
+
+
+def test_metric_validation_faithfulness_completeness_and_random_sets(model, pad_id):
+    saes = random_saes(model.config.hidden_size)
+    baseline = mean_baseline(model, saes, make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6))
+    batches = make_batches(random_prompts(6, seed=6), N_POST, pad_id, batch_size=4)
+    ranked = [("residuals_1", 3), ("mlp_1", 10), ("residuals_1", 40), ("attention_2", 7), ("mlp_1", 2), ("mlp_1", 99)]
+    out = metric_validation(
+        model, saes, baseline, batches, ranked, size=4, metric_fn=first_token_metric, sizes=(1, 2, 8), n_random=10,
+        max_rows=8,  # several chunks of conditions per batch
+    )  # fmt: skip
+
+    # Independent references: the plain model, and every feature and error node set to the baseline.
+    def mean_metric(edit_for):
+        values = []
+        for b in batches:
+            with torch.no_grad(), spliced(model, saes, edit=edit_for(b)):
+                values.append(first_token_metric(forward_batch(model, b), b))
+        return float(torch.cat(values).mean())
+
+    def everything_ablated(b):
+        return lambda h, f, e: tuple(t.to(f.dtype) for t in baseline.expand(h, b))
+
+    with torch.no_grad():
+        full = float(torch.cat([first_token_metric(forward_batch(model, b), b) for b in batches]).mean())
+    empty = mean_metric(everything_ablated)
+    circuit = {"residuals_1": torch.tensor([3, 40]), "mlp_1": torch.tensor([10]), "attention_2": torch.tensor([7])}
+    kept = mean_metric(lambda b: ablate_complement(circuit, BoundBaseline(baseline, b)))
+    without = mean_metric(lambda b: ablate(circuit, BoundBaseline(baseline, b)))
+    assert out["metric_full"] == pytest.approx(full, abs=1e-4)
+    assert out["metric_empty"] == pytest.approx(empty, abs=1e-4)
+    assert abs(full - empty) > 1e-3
+    assert out["faithfulness"] == pytest.approx((kept - empty) / (full - empty), abs=1e-3)
+    assert out["completeness"] == pytest.approx((without - empty) / (full - empty), abs=1e-3)
+    assert set(out["faithfulness_curve"]) == {"1", "2", "4"}  # sizes beyond the ranking are dropped; 4 added
+    assert out["faithfulness_curve"]["4"] == out["faithfulness"]
+    assert "error nodes are kept unablated" in out["error_nodes"]
+    rnd = out["random"]
+    assert rnd["n_random"] == 10 and len(rnd["random_effects"]) == 10
+    assert rnd["effect"] == pytest.approx(full - without, abs=1e-4)
+    assert rnd["per_hook_counts"] == {"residuals_1": 2, "mlp_1": 1, "attention_2": 1}
+    assert all({h: len(v) for h, v in s.items()} == rnd["per_hook_counts"] for s in out["random_sets"])
+    assert 0 <= rnd["percentile"] <= 100 and 0 < rnd["p_value"] <= 1
+
+
+def test_stacked_generation_equals_one_generation_per_condition(model, tiny_llama, pad_id):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    saes = random_saes(model.config.hidden_size)
+    baseline = mean_baseline(model, saes, make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6))
+    batches = make_batches(random_prompts(5, seed=7), N_POST, pad_id, batch_size=3)
+    nodes = {"residuals_1": torch.arange(0, 128, 2), "mlp_1": torch.arange(64)}
+    conditions = [CLEAN, Condition(nodes, Mode.ablate), Condition(nodes, Mode.steer, alpha=3.0)]
+    stacked = generate_under(
+        model, batches, 3, feature_interventions(model, saes, baseline, conditions), tokenizer, max_new_tokens=5
+    )
+    for r, cond in enumerate(conditions):
+        alone = generate_under(
+            model, batches, 1, feature_interventions(model, saes, baseline, [cond]), tokenizer, max_new_tokens=5
+        )
+        assert alone[0] == stacked[r]
+    assert stacked[1] != stacked[0]  # ablating half of the features changes what is generated
+    # Unedited (spliced) generation is the model's own greedy generation.
+    plain = generate_under(model, batches, 1, lambda b, rng: contextlib.nullcontext(), tokenizer, max_new_tokens=5)
+    assert plain[0] == stacked[0]
+    kl = kl_under(model, batches, 3, feature_interventions(model, saes, baseline, conditions))
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1e-3 and kl[2] > 1e-3
+
+
+def test_behaviour_validation_reports_drops_by_label_and_against_random_sets(model, tiny_llama, pad_id):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    saes = random_saes(model.config.hidden_size)
+    baseline = mean_baseline(model, saes, make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6))
+    prompts = make_batches(random_prompts(6, seed=8), N_POST, pad_id, batch_size=4)
+    harmless = make_batches(random_prompts(3, seed=9), N_POST, pad_id, batch_size=4)
+    circuit = {"residuals_1": torch.arange(0, 128, 2)}
+    randoms = [{"residuals_1": torch.arange(1, 128, 2)}] * 3
+    before = generate_under(model, prompts, 1, lambda b, rng: contextlib.nullcontext(), tokenizer, max_new_tokens=4)[0]
+
+    # A judge that "refuses" exactly the unedited responses: any change of response counts as a drop.
+    def judge(responses):
+        return [r == before[i] for i, r in enumerate(responses)]
+
+    labels = ["toxic", "safe"] * 3
+    out = behaviour_validation(
+        model, saes, baseline, prompts, labels, harmless, circuit, randoms, judge, tokenizer,
+        is_target=[True, False] * 3, max_new_tokens=4, steer_alpha=5.0,
+    )  # fmt: skip
+    assert out["refusal_rate_before"] == 1.0
+    assert out["refusal_rate_drop"] == pytest.approx(out["refusal_rate_before"] - out["refusal_rate_after"])
+    assert out["n_prompts"] == 3 and out["n_random"] == 3 and out["max_new_tokens"] == 4
+    assert set(out["refusal_rate_drop_by_label"]) == {"toxic", "safe"}
+    assert out["by_label"]["toxic"]["n"] == 3
+    assert out["kl_harmless"] > 0 and out["kl_harmless_steered"] > 0
+    assert 0 <= out["percentile"] <= 100 and out["p_value"] == pytest.approx(
+        (1 + sum(d >= out["refusal_rate_drop"] for d in out["random_refusal_rate_drops"])) / 4
+    )

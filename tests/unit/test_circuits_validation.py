@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from refusal_lab.circuits.batches import PAD_OFFSET, build_batch, make_batches
+from refusal_lab.circuits.validate import random_node_sets, rank_against
 from refusal_lab.store import Phase
 
 
@@ -35,3 +36,45 @@ def test_make_batches_sorts_longest_first_and_keeps_the_index():
     for b in batches:
         assert b.attention_mask.sum(-1).tolist() == [len(prompts[i]) for i in b.index]
     assert torch.cat([b.input_ids.new_tensor(b.index) for b in batches]).sort().values.tolist() == list(range(5))
+
+
+def test_random_sets_match_per_hook_counts_and_come_from_active_features_outside_the_circuit():
+    circuit = {
+        "residuals_0": torch.tensor([1, 4, 7]),
+        "mlp_1": torch.tensor([2]),
+        "attention_2": torch.tensor([], dtype=torch.long),
+    }
+    gen = torch.Generator().manual_seed(0)
+    active = {h: torch.rand(64, generator=gen) < 0.3 for h in circuit}
+    for hook, idx in circuit.items():
+        active[hook][idx] = True  # circuit features are active too, and must still be left out
+    sets, pool = random_node_sets(circuit, active, n=12, seed=3)
+    assert len(sets) == 12
+    for s in sets:
+        assert {h: int(i.numel()) for h, i in s.items()} == {"residuals_0": 3, "mlp_1": 1}
+        assert sum(int(i.numel()) for i in s.values()) == 4  # the circuit's size
+        for hook, idx in s.items():
+            assert bool(active[hook][idx].all())
+            assert not set(idx.tolist()) & set(circuit[hook].tolist())
+            assert len(set(idx.tolist())) == len(idx)
+    assert pool == {"residuals_0": "active_outside_circuit", "mlp_1": "active_outside_circuit"}
+    assert len({tuple(s["residuals_0"].tolist()) for s in sets}) > 1  # the sets differ
+    again, _ = random_node_sets(circuit, active, n=12, seed=3)
+    assert all(torch.equal(a[h], b[h]) for a, b in zip(sets, again, strict=True) for h in a)  # seeded
+
+
+def test_random_sets_widen_the_pool_when_too_few_features_are_active():
+    circuit = {"mlp_0": torch.tensor([0, 1, 2])}
+    active = {"mlp_0": torch.zeros(16, dtype=torch.bool)}
+    active["mlp_0"][[0, 1, 2, 3]] = True  # one active feature outside the circuit, three needed
+    sets, pool = random_node_sets(circuit, active, n=5, seed=0)
+    assert pool == {"mlp_0": "active"}
+    assert all(bool(active["mlp_0"][s["mlp_0"]].all()) and s["mlp_0"].numel() == 3 for s in sets)
+
+
+def test_percentile_and_empirical_p_value():
+    out = rank_against(5.0, [1.0, 2.0, 5.0, 7.0])
+    assert out["percentile"] == 50.0  # two of four random effects are smaller
+    assert out["p_value"] == (1 + 2) / (1 + 4)  # 5.0 and 7.0 are >= the circuit's effect
+    assert out["random_median"] == 3.5
+    assert rank_against(10.0, [0.0] * 10)["p_value"] == 1 / 11

@@ -1,0 +1,213 @@
+"""Behavioural validation: does ablating (or steering) a circuit change what the model *does*?
+
+Reads and writes nothing; returns JSON-ready dicts.
+
+* Refusal rate: greedy generation (refusal_lab.generation, `max_new_tokens` tokens, default 8:
+  the judgement is made in the first tokens) of the held-out target prompts, unedited, with the
+  circuit's features ablated to the baseline, with them steered (alpha along their unit decoder
+  directions), and with each random set ablated; each response judged by the caller's judge
+  (the function collect uses, so the two agree). Drop = rate unedited - rate edited, overall on
+  the target prompts and by label on every prompt given.
+* KL: mean over real positions of KL(P_model || P_edited) of the next-token distributions on
+  harmless prompts (the ablation should not disturb ordinary answering).
+
+Conditions of one batch are generated together (the batch repeated per condition), never one
+generation per set. The same machinery runs the difference-in-means direction's ablation
+(refusal_lab.circuits.direction) through an `Interventions` context factory.
+
+Shape letters: R conditions, B batch, T positions, V vocabulary, M new tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_lab.circuits.ablation import CLEAN, Condition, Mode, repeat_batch, stacked_edit
+from refusal_lab.circuits.baseline import Baseline, BoundBaseline
+from refusal_lab.circuits.batches import PromptBatch, pad_id_of
+from refusal_lab.circuits.spliced import forward_batch, spliced
+from refusal_lab.circuits.validate import chunks, rank_against
+from refusal_lab.generation import generate_greedy
+from refusal_lab.sae.model import Sae
+
+log = logging.getLogger(__name__)
+
+Judge = Callable[[Sequence[str]], Sequence[bool] | np.ndarray]
+"""responses -> refused (one bool each); wrap the judge collect uses."""
+Interventions = Callable[[PromptBatch, range], AbstractContextManager]
+"""(un-repeated batch, condition range) -> context in which `repeat_batch(batch, len(range))` runs those conditions."""
+
+
+def feature_interventions(
+    model: nn.Module, saes: Mapping[str, Sae], baseline: Baseline | None, conditions: Sequence[Condition]
+) -> Interventions:
+    """Feature-edit conditions on the spliced model."""
+
+    def context(batch: PromptBatch, rng: range) -> AbstractContextManager:
+        bound = BoundBaseline(baseline, batch) if baseline is not None else None
+        return spliced(model, saes, edit=stacked_edit([conditions[i] for i in rng], bound, saes), record=False)
+
+    return context
+
+
+def generation_eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS plus the model's generation_config EOS ids (as collect stops on)."""
+    eos = tokenizer.eos_token_id
+    assert isinstance(eos, int), "a chat model's tokenizer has an EOS token"
+    ids = {eos}
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if extra is not None:
+        ids |= {int(e) for e in ([extra] if isinstance(extra, int) else extra)}
+    return sorted(ids)
+
+
+def generate_under(
+    model: PreTrainedModel,
+    batches: Sequence[PromptBatch],
+    n_conditions: int,
+    interventions: Interventions,
+    tokenizer: PreTrainedTokenizerBase,
+    max_new_tokens: int = 8,
+    max_rows: int = 256,
+    eos_ids: Sequence[int] | None = None,
+) -> list[list[str]]:
+    """Responses [R][n_prompts] (prompts in the builder's order), greedy, decoded as collect decodes them."""
+    eos = list(eos_ids) if eos_ids is not None else generation_eos_ids(model, tokenizer)
+    pad = pad_id_of(tokenizer)
+    n_prompts = sum(b.size for b in batches)
+    out = [[""] * n_prompts for _ in range(n_conditions)]
+    for batch in batches:
+        for rng in chunks(n_conditions, batch.size, max_rows):
+            stacked = repeat_batch(batch, len(rng))
+            with interventions(batch, rng):
+                gen = generate_greedy(model, stacked.input_ids, stacked.attention_mask, max_new_tokens, eos, pad)
+            tokens, n_valid = gen.tokens_BM.cpu(), gen.valid_BM.sum(-1).cpu().tolist()
+            for row in range(stacked.size):
+                r, b = rng[row // batch.size], row % batch.size
+                text = tokenizer.decode(tokens[row, : n_valid[row]].tolist(), skip_special_tokens=True)
+                out[r][batch.index[b]] = str(text)
+    return out
+
+
+@torch.no_grad()
+def kl_under(
+    model: nn.Module,
+    batches: Sequence[PromptBatch],
+    n_conditions: int,
+    interventions: Interventions,
+    max_rows: int = 256,
+) -> np.ndarray:
+    """[R] mean over real positions of KL(P_model || P_condition) of next-token distributions."""
+    sums = np.zeros(n_conditions)
+    count = 0
+    for batch in batches:
+        logp = torch.log_softmax(forward_batch(model, batch).float(), dim=-1)
+        real = batch.attention_mask.bool().to(logp.device)
+        count += int(real.sum())
+        for rng in chunks(n_conditions, batch.size, max_rows):
+            with interventions(batch, rng):
+                logits = forward_batch(model, repeat_batch(batch, len(rng)))
+            logq = torch.log_softmax(logits.float(), dim=-1).view(len(rng), *logp.shape)
+            kl_RBT = (logp.exp()[None] * (logp[None] - logq)).sum(-1)
+            sums[rng.start : rng.stop] += (kl_RBT * real[None]).sum((1, 2)).double().cpu().numpy()
+    return sums / max(count, 1)
+
+
+def _rates(refused: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[R] refusal rate over the prompts `rows` (NaN when there are none)."""
+    return refused[:, rows].mean(axis=1) if rows.any() else np.full(refused.shape[0], np.nan)
+
+
+def _f(x: float) -> float | None:
+    return None if not np.isfinite(x) else float(x)
+
+
+def behaviour_validation(
+    model: PreTrainedModel,
+    saes: Mapping[str, Sae],
+    baseline: Baseline,
+    prompt_batches: Sequence[PromptBatch],
+    labels: Sequence[str],
+    harmless_batches: Sequence[PromptBatch],
+    circuit: Mapping[str, torch.Tensor],
+    random_sets: Sequence[Mapping[str, torch.Tensor]],
+    judge: Judge,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    is_target: Sequence[bool] | None = None,
+    steer_alpha: float = -4.0,
+    max_new_tokens: int = 8,
+    max_rows: int = 256,
+    judge_name: str = "keyword",
+    n_examples: int = 3,
+) -> dict:
+    """Refusal-rate drops (circuit ablated, steered, random sets ablated) and KL on harmless prompts.
+
+    `labels` and `is_target` follow the prompts' order in `prompt_batches` (PromptBatch.index);
+    the headline drop is over the target prompts (all, by default), the by-label drops over all.
+    """
+    n_prompts = sum(b.size for b in prompt_batches)
+    if len(labels) != n_prompts:
+        raise ValueError(f"behaviour_validation: {len(labels)} labels for {n_prompts} prompts")
+    target = np.ones(n_prompts, dtype=bool) if is_target is None else np.asarray(is_target, dtype=bool)
+    circuit = dict(circuit)
+    conditions = [
+        CLEAN,
+        Condition(circuit, Mode.ablate),
+        Condition(circuit, Mode.steer, steer_alpha),
+        *[Condition(dict(s), Mode.ablate) for s in random_sets],
+    ]
+    interventions = feature_interventions(model, saes, baseline, conditions)
+    responses = generate_under(
+        model, prompt_batches, len(conditions), interventions, tokenizer, max_new_tokens, max_rows
+    )
+    refused = np.array([np.asarray(judge(r), dtype=bool) for r in responses])  # [R, n_prompts]
+    rate = _rates(refused, target)
+    drops = rate[0] - rate
+    by_label = {}
+    for label in sorted(set(labels)):
+        rows = np.array([lab == label for lab in labels])
+        lab_rate = _rates(refused, rows)
+        by_label[label] = {
+            "n": int(rows.sum()),
+            "refusal_rate": _f(lab_rate[0]),
+            "ablated": _f(lab_rate[1]),
+            "steered": _f(lab_rate[2]),
+            "drop": _f(lab_rate[0] - lab_rate[1]),
+            "steered_drop": _f(lab_rate[0] - lab_rate[2]),
+        }
+    kl = kl_under(model, harmless_batches, 2, feature_interventions(model, saes, baseline, conditions[1:3]), max_rows)
+    random_drops = drops[3:].tolist()
+    ranked = rank_against(float(drops[1]), random_drops)
+    examples = [
+        {"unedited": responses[0][i], "ablated": responses[1][i], "steered": responses[2][i], "label": labels[i]}
+        for i in np.flatnonzero(target)[:n_examples].tolist()
+    ]
+    return {
+        "judge": judge_name,
+        "max_new_tokens": max_new_tokens,
+        "n_prompts": int(target.sum()),
+        "refusal_rate_before": _f(rate[0]),
+        "refusal_rate_after": _f(rate[1]),
+        "refusal_rate_drop": _f(drops[1]),
+        "refusal_rate_drop_by_label": {k: v["drop"] for k, v in by_label.items()},
+        "by_label": by_label,
+        "steer_alpha": steer_alpha,
+        "refusal_rate_steered": _f(rate[2]),
+        "refusal_rate_drop_steered": _f(drops[2]),
+        "random_refusal_rate_drop_median": _f(ranked["random_median"]),
+        "random_refusal_rate_drops": [_f(d) for d in random_drops],
+        "percentile": _f(ranked["percentile"]),
+        "p_value": _f(ranked["p_value"]),
+        "n_random": len(random_drops),
+        "kl_harmless": _f(kl[0]),
+        "kl_harmless_steered": _f(kl[1]),
+        "examples": examples,
+    }
