@@ -48,5 +48,5 @@ class JudgeStage:
         ctx.summary["judges"] = report  # the full agreement report; summary["judge"] keeps the short entry
         return {
             "path": str(self.artifact(ctx)),
-            "judges": {name: entry["fingerprint"] for name, entry in report["judges"].items()},
+            "judges": {name: entry["fingerprint"] for name, entry in report["per_judge"].items()},
         }

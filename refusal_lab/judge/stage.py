@@ -179,7 +179,7 @@ def run_judges(
         }
     report: dict[str, Any] = {
         "store_fingerprint": store.fingerprint,
-        "judges": entries,
+        "per_judge": entries,
         **judges_agreement(codes, {k: THREE_CLASS[JudgeName(k)] for k in codes}, labels, cfg.partial_is_refused),
     }
     if calibration is not None:
