@@ -24,8 +24,13 @@ log = logging.getLogger("refusal_lab")
 
 register_configs()
 
+# A wheel ships the configs inside the package (setup.py maps conf/ to refusal_lab/conf); a source checkout
+# (editable install) has only the top-level conf/, the one users edit. The packaged copy wins when present so an
+# unrelated `conf/` beside an installed package can never be picked up.
+CONFIG_PATH = "conf" if (Path(__file__).resolve().parent / "conf" / "config.yaml").is_file() else "../conf"
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(dict_cfg: DictConfig) -> None:
     from refusal_lab.pipeline import run
 

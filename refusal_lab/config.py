@@ -9,10 +9,12 @@ in Hydra's ConfigStore), so a misspelled key or a wrong type fails at compose ti
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from refusal_lab.circuits.config import CircuitsConfig
 from refusal_lab.devices import Device
@@ -68,8 +70,7 @@ class StoreDtype(StrEnum):
 
 class DataSource(StrEnum):
     embedded = "embedded"  # the organism's held-out prompts shipped in the package
-    or_bench = "or_bench"  # OR-Bench csv files from a local folder
-    hf = "hf"  # OR-Bench from the HF hub via `datasets` (needs network or a warm cache)
+    or_bench = "or_bench"  # OR-Bench: bench-llm/or-bench via `datasets` (cached), or a local folder of csv files
     table = "table"  # any CSV/JSON/JSONL prompt file with a column mapping
 
 
@@ -221,9 +222,9 @@ class DataConfig:
     """Which prompts are run; see refusal_lab.data for the formats."""
 
     source: DataSource = DataSource.embedded
-    """embedded | or_bench (local folder of OR-Bench csv files) | hf (bench-llm/or-bench) | table (any file)."""
+    """embedded | or_bench (bench-llm/or-bench, or a local folder of its csv files) | table (any file)."""
     path: str = EMBEDDED_DATA
-    """Folder (or_bench), file (table), or `embedded`."""
+    """or_bench: `bench-llm/or-bench` (the hub, through `datasets`) or a local folder; table: a file; `embedded`."""
     subsets: list[str] = field(default_factory=lambda: ["or-bench-hard-1k", "or-bench-toxic"])
     """OR-Bench files to read: or-bench-80k, or-bench-hard-1k, or-bench-toxic."""
     prompt_column: str = "prompt"
@@ -247,7 +248,8 @@ class DataConfig:
     limit: int | None = None
     """Keep at most this many prompts (a seeded subsample that keeps the category/label mix)."""
     cache_dir: str | None = None
-    """hf: datasets cache folder."""
+    """or_bench from the hub: `datasets` cache folder (None: HF_DATASETS_CACHE); offline (HF_HUB_OFFLINE=1) it is
+    read without the network once warm."""
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -312,8 +314,20 @@ class RunConfig:
         _raise(errors)
 
 
+LOCAL_DATA_ENV = "REFUSAL_LAB_DATA"
+"""Root folder of local copies of the prompt sets (`<root>/or_bench`, ...); CI and tests point it at shared/data."""
+
+
+def local_data(subdir: str, otherwise: str) -> str:
+    """`${local_data:or_bench,bench-llm/or-bench}` in a YAML option: `$REFUSAL_LAB_DATA/or_bench` when that
+    variable is set, else the published dataset's id."""
+    root = os.environ.get(LOCAL_DATA_ENV)
+    return f"{root.rstrip('/')}/{subdir}" if root else otherwise
+
+
 def register_configs() -> None:
-    """Register the schemas so every YAML option can extend `/schema/<group>/base`."""
+    """Register the schemas so every YAML option can extend `/schema/<group>/base`, and the resolvers they use."""
+    OmegaConf.register_new_resolver("local_data", local_data, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig, package="model")

@@ -4,10 +4,12 @@ Sources (`data.source`):
 
 * `embedded`: the organism's held-out prompts, a JSONL file of `{"prompt", "category", "label"}` objects
   (`data.path: embedded` resolves to `embedded_prompts_path()`; any other path is read in the same format).
-* `or_bench`: a local folder holding `<subset>.csv` (columns `prompt,category`) for each name in `data.subsets`.
+* `or_bench`: the subsets named in `data.subsets`, columns `prompt,category`. `data.path: bench-llm/or-bench` (the
+  option's default) loads the published dataset through `datasets` (split `train`, cached in `data.cache_dir`,
+  offline from a warm cache with HF_HUB_OFFLINE=1); any other `data.path` is a local folder holding `<subset>.csv`
+  per subset (`data=or_bench` points there when REFUSAL_LAB_DATA is set: `$REFUSAL_LAB_DATA/or_bench`).
   The label comes from the subset: or-bench-80k and or-bench-hard-1k are `safe` (they look toxic but are benign),
-  or-bench-toxic is `toxic`.
-* `hf`: the same subsets from the hub (`bench-llm/or-bench`, split `train`) through `datasets`.
+  or-bench-toxic is `toxic`. Both give the same prompts, in the same order, with the same `sample_id`s.
 * `table`: one CSV, JSON (a list of objects) or JSONL file, chosen by extension, read with the column mapping
   `data.prompt_column`, `data.category_column`, `data.label_column`, `data.label_map`, `data.default_label`,
   `data.default_category`. Labels after mapping must be one of harmless | safe | toxic.
@@ -43,6 +45,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 from collections import Counter
@@ -51,7 +54,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from refusal_lab.config import EMBEDDED_DATA, BalanceStrategy, ConfigError, DataConfig, DataSource
+from refusal_lab.config import EMBEDDED_DATA, LOCAL_DATA_ENV, BalanceStrategy, ConfigError, DataConfig, DataSource
 from refusal_lab.taxonomy import LABELS, OR_BENCH_CATEGORIES
 
 log = logging.getLogger(__name__)
@@ -173,16 +176,16 @@ def prompts_fingerprint(prompts: Iterable[Prompt]) -> str:
 
 def _read_source(cfg: DataConfig, report: LoadReport) -> list[Prompt]:
     if cfg.source in (DataSource.or_bench, DataSource.table) and cfg.path == EMBEDDED_DATA:
-        need = "a folder of OR-Bench csv files (e.g. data=or_bench)" if cfg.source == DataSource.or_bench else "a file"
+        need = f"{OR_BENCH_HF_ID} or a folder of its csv files" if cfg.source == DataSource.or_bench else "a file"
         raise ConfigError(
             f"data.path: 'embedded' only works with data.source=embedded; data.source={cfg.source.value} needs {need}"
         )
     if cfg.source == DataSource.embedded:
         return _read_embedded(cfg, report)
     if cfg.source == DataSource.or_bench:
+        if cfg.path == OR_BENCH_HF_ID:
+            return _read_or_bench_hub(cfg, report)
         return _read_or_bench_folder(cfg, report)
-    if cfg.source == DataSource.hf:
-        return _read_or_bench_hub(cfg, report)
     return _read_table(cfg, report)
 
 
@@ -210,14 +213,21 @@ def _or_bench_format(cfg: DataConfig, subset: str) -> _Format:
     return _Format("prompt", "category", None, {}, OR_BENCH_SUBSETS[subset], cfg.default_category)
 
 
+OR_BENCH_WAYS = (
+    f"data=or_bench reads either the published dataset (data.path={OR_BENCH_HF_ID}, the default when "
+    f"{LOCAL_DATA_ENV} is unset: through `datasets`, cached in data.cache_dir, offline once warm with "
+    f"HF_HUB_OFFLINE=1) or a local copy, a folder holding <subset>.csv for each of data.subsets "
+    f"(data.path=<folder>, or {LOCAL_DATA_ENV}=<root> for <root>/or_bench)"
+)
+
+
 def _read_or_bench_folder(cfg: DataConfig, report: LoadReport) -> list[Prompt]:
     _check_subsets(cfg.subsets)
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
-        raise ConfigError(
-            f"data.path: {cfg.path!r} -> {folder.resolve()} is not a folder; data.source=or_bench needs a folder "
-            f"holding <subset>.csv for each of data.subsets (set REFUSAL_LAB_DATA or data.path)"
-        )
+        env = os.environ.get(LOCAL_DATA_ENV)
+        via = f" ({LOCAL_DATA_ENV}={env!r})" if env else ""
+        raise ConfigError(f"data.path: {cfg.path!r} -> {folder.resolve()} is not a folder{via}; {OR_BENCH_WAYS}")
     rows: list[Prompt] = []
     for subset in cfg.subsets:
         path = folder / f"{subset}.csv"
@@ -234,22 +244,19 @@ def _read_or_bench_folder(cfg: DataConfig, report: LoadReport) -> list[Prompt]:
 
 def _read_or_bench_hub(cfg: DataConfig, report: LoadReport) -> list[Prompt]:
     _check_subsets(cfg.subsets)
-    offline_hint = (
-        "offline or without hub access, download the OR-Bench csv files and use data.source=or_bench with "
-        "data.path=<that folder> (e.g. data=or_bench)"
-    )
     try:
         import datasets  # heavy import, only this source needs it
+        import datasets.config
     except ImportError as err:
-        raise ConfigError(f"data.source: hf needs the `datasets` package; {offline_hint}") from err
+        raise ConfigError(f"data.path: {OR_BENCH_HF_ID} needs the `datasets` package; {OR_BENCH_WAYS}") from err
     rows: list[Prompt] = []
     for subset in cfg.subsets:
         try:
             ds = datasets.load_dataset(OR_BENCH_HF_ID, subset, split="train", cache_dir=cfg.cache_dir)
         except (OSError, ValueError) as err:  # ConnectionError, DatasetNotFoundError, unknown config, ...
             raise ConfigError(
-                f"data.source: hf could not load {OR_BENCH_HF_ID} subset {subset!r} "
-                f"(data.cache_dir={cfg.cache_dir!r}): {type(err).__name__}: {err}; {offline_hint}"
+                f"data.path: could not load {OR_BENCH_HF_ID} subset {subset!r} (data.cache_dir={cfg.cache_dir!r}, "
+                f"offline={bool(datasets.config.HF_HUB_OFFLINE)}): {type(err).__name__}: {err}; {OR_BENCH_WAYS}"
             ) from err
         records = ((i, dict(record)) for i, record in enumerate(ds, start=1))
         rows += _rows(

@@ -8,6 +8,7 @@ next to the real Llama-2 / Mistral SentencePiece tokenizers and chat templates f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralCo
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Prompt sets come from the shared data folder, never from the hub: data=or_bench (and the other data options)
+# resolve under $REFUSAL_LAB_DATA, also in the subprocesses tests start. .ci/run sets it too.
+os.environ.setdefault("REFUSAL_LAB_DATA", str(SHARED_DATA))
 
 # Entries of ollama's template index (see ../shared/data/SOURCES.md §5).
 LLAMA2_TEMPLATE = 28

@@ -11,10 +11,11 @@ import pytest
 from omegaconf import OmegaConf
 
 import refusal_lab.data as data_mod
-from refusal_lab.config import BalanceStrategy, ConfigError, DataConfig, DataSource
+from refusal_lab.config import BalanceStrategy, ConfigError, DataConfig, DataSource, register_configs
 from refusal_lab.data import (
     LABELS,
     OR_BENCH_CATEGORIES,
+    OR_BENCH_HF_ID,
     Prompt,
     embedded_prompts_path,
     load_prompts,
@@ -66,9 +67,14 @@ def cell_counts(prompts: list[Prompt]) -> Counter:
     return Counter((p.category, p.label) for p in prompts)
 
 
-def from_yaml(name: str, monkeypatch) -> DataConfig:
-    """DataConfig from a shipped conf/data option (its own keys; composition is tested in test_configs)."""
-    monkeypatch.setenv("REFUSAL_LAB_DATA", str(SHARED))
+def from_yaml(name: str, monkeypatch, data_root: Path | None = SHARED) -> DataConfig:
+    """DataConfig from a shipped conf/data option (its own keys; composition is tested in test_configs),
+    with REFUSAL_LAB_DATA set to `data_root` (None: unset)."""
+    if data_root is None:
+        monkeypatch.delenv("REFUSAL_LAB_DATA", raising=False)
+    else:
+        monkeypatch.setenv("REFUSAL_LAB_DATA", str(data_root))
+    register_configs()  # the ${local_data:...} resolver
     raw = OmegaConf.load(CONF_DATA / f"{name}.yaml")
     assert list(raw.pop("defaults")) == ["/schema/data/base@_here_", "_self_"]
     values = OmegaConf.to_container(raw, resolve=True)
@@ -212,11 +218,57 @@ def test_refusal_direction_splits_by_config(monkeypatch):
     assert rows == sorted(rows) and rows[-1] > 260  # a seeded draw from all 18,793, not the first 260
 
 
-def test_or_bench_options_by_config(monkeypatch):
+def test_or_bench_reads_the_local_copy_under_refusal_lab_data(monkeypatch):
     cfg = from_yaml("or_bench", monkeypatch)
     assert Path(cfg.path) == OR_BENCH and len(load_prompts(cfg)) == 1974
-    hub = from_yaml("or_bench_hf", monkeypatch)
-    assert hub.source == DataSource.hf and hub.subsets == ["or-bench-hard-1k", "or-bench-toxic"]
+
+
+def test_or_bench_defaults_to_the_published_dataset(monkeypatch):
+    cfg = from_yaml("or_bench", monkeypatch, data_root=None)
+    assert cfg.source == DataSource.or_bench and cfg.path == OR_BENCH_HF_ID == "bench-llm/or-bench"
+    assert cfg.subsets == ["or-bench-hard-1k", "or-bench-toxic"]
+    assert not (CONF_DATA / "or_bench_hf.yaml").exists()  # folded into data=or_bench
+
+
+def warm_or_bench_cache(cache: Path, subsets: list[str]) -> None:
+    """The cache an online `load_dataset("bench-llm/or-bench", subset)` leaves, built from the local csv files:
+    <cache>/bench-llm___or-bench/<subset>/0.0.0/<revision>/{or-bench-train.arrow, dataset_info.json}."""
+    datasets = pytest.importorskip("datasets")
+    for subset in subsets:
+        build = cache.parent / "build" / subset
+        datasets.load_dataset("csv", data_files={"train": str(OR_BENCH / f"{subset}.csv")}, cache_dir=str(build))
+        (info_path,) = build.glob("csv/*/*/*/dataset_info.json")
+        target = cache / "bench-llm___or-bench" / subset / "0.0.0" / "0123456789abcdef"
+        target.mkdir(parents=True)
+        (arrow,) = info_path.parent.glob("*-train.arrow")
+        arrow.rename(target / "or-bench-train.arrow")
+        info = json.loads(info_path.read_text())
+        info.update(config_name=subset, dataset_name="or-bench", builder_name="or-bench")
+        for split in info["splits"].values():
+            split["dataset_name"] = "or-bench"
+        (target / "dataset_info.json").write_text(json.dumps(info))
+
+
+def offline(monkeypatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_or_bench_default_loads_offline_from_a_warm_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    warm_or_bench_cache(cache, ["or-bench-hard-1k", "or-bench-toxic"])
+    offline(monkeypatch)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = from_yaml("or_bench", monkeypatch, data_root=None)
+    cfg.cache_dir = str(cache)
+    hub, report = load_prompts_with_report(cfg)
+    local = load_prompts(or_bench())
+    assert len(hub) == 1974 and report.n_read == 1974
+    assert prompts_fingerprint(hub) == prompts_fingerprint(local)
+    assert hub[0].source.startswith("bench-llm/or-bench/or-bench-")
 
 
 def test_or_bench_80k_sample_reads_as_a_json_table():
@@ -292,9 +344,15 @@ def test_duplicates_are_kept_and_counted(tmp_path):
 # --- errors: each names the key, the value and what is valid ------------------------------------------------------
 
 
-def test_missing_or_bench_folder(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.path: .*no_such_dir.* is not a folder"):
+def test_missing_or_bench_folder_names_both_ways(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"data\.path: .*no_such_dir.* is not a folder") as err:
         load_prompts(DataConfig(source=DataSource.or_bench, path=str(tmp_path / "no_such_dir")))
+    for way in ("data.path=bench-llm/or-bench", "data.path=<folder>", "REFUSAL_LAB_DATA=<root> for <root>/or_bench"):
+        assert way in str(err.value)
+    # Set through the environment: the message says so.
+    cfg = from_yaml("or_bench", monkeypatch, data_root=tmp_path / "no_root")
+    with pytest.raises(ConfigError, match=r"no_root/or_bench.* is not a folder \(REFUSAL_LAB_DATA='.*no_root'\)"):
+        load_prompts(cfg)
 
 
 def test_or_bench_with_the_embedded_path():
@@ -377,14 +435,9 @@ def test_json_must_be_a_list_of_objects(tmp_path):
         load_prompts(table(path))
 
 
-def test_hf_offline_points_to_the_local_source(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    cfg = DataConfig(source=DataSource.hf, cache_dir=str(tmp_path / "empty_cache"))
-    with pytest.raises(
-        ConfigError, match=r"data\.source: hf could not load bench-llm/or-bench .*data\.source=or_bench"
-    ):
+def test_hub_offline_with_a_cold_cache_points_to_the_local_copy(tmp_path, monkeypatch):
+    offline(monkeypatch)
+    cfg = DataConfig(source=DataSource.or_bench, path=OR_BENCH_HF_ID, cache_dir=str(tmp_path / "empty_cache"))
+    with pytest.raises(ConfigError, match=r"data\.path: could not load bench-llm/or-bench .*offline=True") as err:
         load_prompts(cfg)
+    assert "REFUSAL_LAB_DATA=<root> for <root>/or_bench" in str(err.value)
