@@ -82,7 +82,10 @@ def write_claim(artifact: Path, *, slurm_job: str | None, pid: int | None, kind:
 @contextmanager
 def claimed(artifact: Path, command: str = "") -> Iterator[None]:
     """This process claims `artifact` while the block runs (the stage producing it)."""
-    path = write_claim(artifact, slurm_job=slurm_job_id(), pid=os.getpid(), kind="running", command=command)
+    # A submitit local job is known by its id (the pid of its process tree's root): the claim written at
+    # submission under that id is replaced here and removed at the end.
+    pid = int(os.environ.get("SUBMITIT_LOCAL_JOB_ID") or os.getpid())
+    path = write_claim(artifact, slurm_job=slurm_job_id(), pid=pid, kind="running", command=command)
     try:
         yield
     finally:

@@ -70,6 +70,12 @@ def _upstream(spec: StageSpec, specs: dict[Stage, StageSpec]) -> list[Stage]:
     return [name for name in specs if name in seen]
 
 
+def _fingerprint_all(ctx: RunContext, specs: dict[Stage, StageSpec]) -> None:
+    for spec in specs.values():  # pipeline order: upstream fingerprints exist when a stage asks for them
+        ctx.fingerprints[spec.name] = spec.fingerprint(ctx)
+        ctx.paths[spec.name] = spec.artifact(ctx)
+
+
 def plan_stages(cfg: RunConfig, ctx: RunContext) -> list[StageSpec]:
     """Fingerprints and paths of every stage; checks of the selected ones and of the inputs they only read.
 
@@ -77,9 +83,7 @@ def plan_stages(cfg: RunConfig, ctx: RunContext) -> list[StageSpec]:
     """
     specs = stage_specs()
     selected = _selected(cfg, specs)
-    for spec in specs.values():  # pipeline order: upstream fingerprints exist when a stage asks for them
-        ctx.fingerprints[spec.name] = spec.fingerprint(ctx)
-        ctx.paths[spec.name] = spec.artifact(ctx)
+    _fingerprint_all(ctx, specs)
     verified: set[Stage] = set()
     for spec in selected:
         for name in _upstream(spec, specs):
@@ -92,9 +96,8 @@ def plan_stages(cfg: RunConfig, ctx: RunContext) -> list[StageSpec]:
     return selected
 
 
-def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
-    """Run the configured stages and return summary.json's content."""
-    torch.manual_seed(cfg.seed)
+def make_context(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> tuple[RunContext, Any]:
+    """The run's context up to the store path (prompts, tokenizer, plan; no weights) and the data report."""
     artifacts = (launch_dir / cfg.artifacts_dir).resolve()
 
     # --- everything that can fail cheaply, before any model weights load ---
@@ -118,6 +121,24 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     ctx.store_path = (
         (launch_dir / cfg.store_path).resolve() if cfg.store_path else artifacts / "collect" / f"{collect_fp}.zarr"
     )
+    return ctx, report
+
+
+def planned_context(cfg: RunConfig, launch_dir: Path) -> RunContext:
+    """Every stage's fingerprint and artifact path for `cfg`, from config, prompts and tokenizer alone.
+
+    The launcher (refusal_lab.launcher) claims the artifacts of a job's stages when it submits
+    the job (refusal_lab.claims); nothing is checked or waited for here.
+    """
+    ctx, _ = make_context(cfg, launch_dir, launch_dir)
+    _fingerprint_all(ctx, stage_specs())
+    return ctx
+
+
+def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
+    """Run the configured stages and return summary.json's content."""
+    torch.manual_seed(cfg.seed)
+    ctx, report = make_context(cfg, run_dir, launch_dir)
     selected = plan_stages(cfg, ctx)
     run_fp = fingerprint({s.name.value: ctx.fingerprints[s.name] for s in selected})
     summary: dict[str, Any] = _check_run_dir(run_dir, run_fp)

@@ -205,3 +205,14 @@ def claim_paths(ctx: RunContext, stage: Stage) -> list[Path]:
     if stage == Stage.collect and is_parts_index(ctx.store_path):
         paths += [Path(entry["path"]) for _, entry in sorted(PartsIndex.load(ctx.store_path).parts.items())]
     return paths
+
+
+def register_planned_part(ctx: RunContext) -> None:
+    """At submission (refusal_lab.launcher): list a shard job's part in the index before the job starts."""
+    inf = ctx.cfg.inference
+    if not sharded(inf) or Stage.collect not in ctx.cfg.stages:
+        return
+    register_part(
+        ctx.store_path, parent=ctx.fingerprints[Stage.collect], shards=inf.shards, shard=require_shard(inf),
+        batch_size=batch_size(inf), n_samples=len(ctx.plan.order), part=ctx.paths[Stage.collect],
+    )  # fmt: skip
