@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,12 +24,20 @@ from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline, zero_bas
 from refusal_lab.circuits.batches import PromptBatch, make_batches
 from refusal_lab.circuits.behaviour import behaviour_validation, feature_interventions, generate_under, kl_under
 from refusal_lab.circuits.config import MetricKind
+from refusal_lab.circuits.direction import (
+    decoder_cosines,
+    direction_ablation,
+    directions_from_model,
+    directions_from_store,
+    projection_interventions,
+)
 from refusal_lab.circuits.metric import MetricSpec, refusal_metric
 from refusal_lab.circuits.spliced import forward_batch, spliced
 from refusal_lab.circuits.validate import metric_validation
 from refusal_lab.sae.config import Architecture
 from refusal_lab.sae.model import Sae
-from refusal_lab.store import Phase
+from refusal_lab.store import ActivationStore, Phase, SampleRecord, TokenBlock
+from refusal_lab.store_writer import StoreWriter
 
 HOOKS = ["residuals_1", "mlp_1", "attention_2"]
 N_POST = 4
@@ -371,3 +380,82 @@ def test_behaviour_validation_reports_drops_by_label_and_against_random_sets(mod
     assert 0 <= out["percentile"] <= 100 and out["p_value"] == pytest.approx(
         (1 + sum(d >= out["refusal_rate_drop"] for d in out["random_refusal_rate_drops"])) / 4
     )
+
+
+def write_store(model, path: Path, prompts: list[list[int]]) -> ActivationStore:
+    """A real store of the prompts' activations at every position (positions=prompt), float16 encoded."""
+    hooks = ["residuals_1", "residuals_2"]
+    writer = StoreWriter.open(
+        path, fingerprint="direction-test", hook_points=hooks, d_model=model.config.hidden_size,
+        model_dtype=torch.float32, chunk_tokens=16, attrs={}, durable=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        for s, ids in enumerate(prompts):
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            n = len(ids)
+            phase = [int(Phase.PROMPT)] * (n - N_POST) + [int(Phase.POST_INSTRUCTION)] * N_POST
+            record = SampleRecord(s, f"p{s}", "c", "toxic", "r", True, 0.0, n, 0)
+            writer.append(
+                TokenBlock([record], np.full(n, s), np.arange(n), np.array(phase), np.array(ids),
+                           {h: hidden[int(h.split("_")[1])][0] for h in hooks})
+            )  # fmt: skip
+    writer.finalize()
+    return ActivationStore.open(path)
+
+
+def test_difference_in_means_direction_from_store_and_model_agree(model, pad_id, tmp_path):
+    refused, answered = random_prompts(5, seed=10), random_prompts(4, seed=11)
+    hooks = ["residuals_1", "residuals_2"]
+    store = write_store(model, tmp_path / "store", refused + answered)
+    from_store = directions_from_store(store, hooks, list(range(5)), list(range(5, 9)))
+    from_model = directions_from_model(
+        model, hooks, make_batches(refused, N_POST, pad_id, 2), make_batches(answered, N_POST, pad_id, 3)
+    )
+    # Independent reference: unpadded forwards, hidden_states[N] at the last token, float64 means.
+    with torch.no_grad():
+        last = [model(torch.tensor([p]), output_hidden_states=True).hidden_states for p in refused + answered]
+    for hook in hooks:
+        layer = int(hook.split("_")[1])
+        states = torch.stack([h[layer][0, -1].double() for h in last])
+        expected = states[:5].mean(0) - states[5:].mean(0)
+        assert from_model[hook].dtype == torch.float64
+        torch.testing.assert_close(from_model[hook], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(from_store[hook], expected, atol=2e-2, rtol=2e-2)  # float16 store
+
+
+def test_direction_ablation_projects_out_at_every_position(model, batch):
+    direction = {"residuals_1": torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))}
+    unit = direction["residuals_1"] / direction["residuals_1"].norm()
+    seen: dict = {}
+    context = projection_interventions(model, direction, [False, True])
+    with torch.no_grad(), context(batch, range(2)):
+        handle = capture_layer_input(model, 1, seen)
+        forward_batch(model, repeat_batch(batch, 2))
+        handle.remove()
+    clean, projected = seen["x"][: batch.size], seen["x"][batch.size :]
+    assert float((clean @ unit).abs().max()) > 1e-2  # the clean half is left alone
+    assert float((projected @ unit).abs().max()) < 1e-5
+    torch.testing.assert_close(projected, clean - (clean @ unit)[..., None] * unit, atol=1e-5, rtol=1e-5)
+
+
+def test_direction_ablation_result_and_decoder_cosines(model, tiny_llama, pad_id):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = make_batches(random_prompts(4, seed=12), N_POST, pad_id, 4)
+    harmless = make_batches(random_prompts(2, seed=13), N_POST, pad_id, 4)
+    gen = torch.Generator().manual_seed(1)
+    directions = {h: 5 * torch.randn(model.config.hidden_size, generator=gen) for h in ["residuals_1", "residuals_2"]}
+    out = direction_ablation(
+        model, directions, prompts, ["toxic", "safe"] * 2, harmless, lambda rs: [True] * len(rs), tokenizer,
+        max_new_tokens=3,
+    )  # fmt: skip
+    assert out["refusal_rate_before"] == 1.0 and out["refusal_rate_drop"] == 0.0
+    assert set(out["refusal_rate_drop_by_label"]) == {"toxic", "safe"}
+    assert out["kl_harmless"] > 0
+    saes = random_saes(model.config.hidden_size)
+    with torch.no_grad():
+        saes["residuals_1"].W_dec[5] = 3 * directions["residuals_1"].float()  # perfectly aligned feature
+    cos = decoder_cosines(directions, saes, [("residuals_1", 5), ("residuals_1", 6), ("mlp_1", 1)])
+    assert [(r["hook"], r["feature"]) for r in cos["features"]] == [("residuals_1", 5), ("residuals_1", 6)]
+    assert cos["features"][0]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert cos["features"][0]["abs_percentile"] > 99
+    assert abs(cos["features"][1]["cosine"]) < 0.9
