@@ -21,6 +21,7 @@ from refusal_lab.devices import Device
 from refusal_lab.errors import ConfigError
 from refusal_lab.judge.config import JudgeConfig
 from refusal_lab.layers import parse_layer_spec
+from refusal_lab.report.config import ReportConfig
 from refusal_lab.sae.config import SaeConfig
 
 EMBEDDED_MODEL = "organism"
@@ -86,6 +87,7 @@ class Stage(StrEnum):
     judge = "judge"
     sae = "sae"
     circuits = "circuits"
+    report = "report"
 
 
 class WandbMode(StrEnum):
@@ -291,8 +293,9 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
     circuits: CircuitsConfig = field(default_factory=CircuitsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    stages: list[Stage] = field(default_factory=lambda: [Stage.collect, Stage.sae])
+    stages: list[Stage] = field(default_factory=lambda: [Stage.collect, Stage.sae, Stage.report])
     """Stages to run, in pipeline order; a stage whose committed result exists is skipped."""
     artifacts_dir: str = "artifacts"
     """Root of the fingerprint-keyed stage outputs, shared by runs and sweeps (relative: to the launch dir)."""
@@ -336,4 +339,5 @@ def register_configs() -> None:
     cs.store(group="schema/judge", name="base", node=JudgeConfig, package="judge")
     cs.store(group="schema/sae", name="base", node=SaeConfig, package="sae")
     cs.store(group="schema/circuits", name="base", node=CircuitsConfig, package="circuits")
+    cs.store(group="schema/report", name="base", node=ReportConfig, package="report")
     cs.store(group="schema/tracking", name="base", node=TrackingConfig, package="tracking")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,15 @@ def _fingerprint_all(ctx: RunContext, specs: dict[Stage, StageSpec]) -> None:
     for spec in specs.values():  # pipeline order: upstream fingerprints exist when a stage asks for them
         ctx.fingerprints[spec.name] = spec.fingerprint(ctx)
         ctx.paths[spec.name] = spec.artifact(ctx)
+
+
+def _committed(spec: StageSpec, ctx: RunContext) -> bool:
+    """Whether the stage's artifact is already committed for this config (its `verify` passes): a cache hit."""
+    try:
+        spec.verify(ctx)
+    except Exception:  # noqa: BLE001 -- verify raises whatever its stage's check raises when the artifact is not there
+        return False
+    return True
 
 
 def plan_stages(cfg: RunConfig, ctx: RunContext) -> list[StageSpec]:
@@ -150,9 +160,14 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
     )
     try:
         for spec in selected:
+            t_stage = time.perf_counter()
+            hit = "hit: its committed artifact is there" if _committed(spec, ctx) else "miss: it will be produced"
+            log.info("%s: start; cache %s; artifact %s", spec.name.value, hit, ctx.paths[spec.name])
             with claimed(ctx.paths[spec.name]), locked(stage_locks(spec, ctx)):
                 summary[spec.name.value] = spec.run(ctx)
             write_json_atomic(run_dir / SUMMARY, summary)
+            seconds = time.perf_counter() - t_stage
+            log.info("%s: end (%.1f s); artifact %s", spec.name.value, seconds, ctx.paths[spec.name])
     finally:
         ctx.tracker.finish()
     log.info("summary: %s", run_dir / SUMMARY)

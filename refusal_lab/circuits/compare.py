@@ -41,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -438,3 +439,57 @@ def _hooks(hooks: Sequence[str], feats: Sequence[int]) -> list[str]:
     if len(hooks) != len(feats):
         raise ValueError(f"pool_hook has {len(hooks)} entries but pool_feature has {len(feats)}")
     return hooks
+
+
+# --- the circuits stage's comparison entry -------------------------------------------------------
+
+EFFECTS = "effects.npz"
+
+
+def compare_committed_sets(
+    set_dirs: Mapping[str, Path],
+    entries: Mapping[str, Mapping[str, Any]],
+    *,
+    seed: int,
+    n_permutations: int = 1000,
+    n_bootstrap: int = 200,
+) -> dict[str, Any]:
+    """summary.json["circuits"]["comparison"] from the committed sets' effects.npz (no model).
+
+    set_dirs: pooled set name (toxic, safe, over_refusal) -> its folder; entries: the stage's
+    summary entries (for the circuit sizes). Each set's categories are compared at k = the
+    smallest committed per-category circuit (else the set's own circuit size); the sets are
+    compared with each other at the smallest set circuit.
+    """
+    by_set: dict[str, Any] = {}
+    for_sets: dict[str, tuple[Sequence[str], Sequence[int], np.ndarray]] = {}
+    sizes = []
+    for name, folder in set_dirs.items():
+        entry = entries.get(name) or {}
+        path = Path(folder) / EFFECTS
+        if entry.get("status") != "ok" or not path.exists():
+            by_set[name] = {"status": "skipped", "reason": f"no committed {EFFECTS} for {name}"}
+            continue
+        with np.load(path) as data:
+            effects, pool_hook, pool_feature, cats = (
+                data["effects"], data["pool_hook"], data["pool_feature"], data["categories"]
+            )  # fmt: skip
+        per_cat = [e.get("n_nodes") for e in (entry.get("by_category") or {}).values() if e.get("status") == "ok"]
+        size = min([n for n in per_cat if n] or [int(entry.get("n_nodes") or 0) or 20])
+        by_set[name] = compare_categories(
+            effects, cats, pool_hook, pool_feature, size=size, n_permutations=n_permutations,
+            n_bootstrap=n_bootstrap, seed=seed,
+        )  # fmt: skip
+        for_sets[name] = (pool_hook.tolist(), pool_feature.tolist(), effects)
+        sizes.append(int(entry.get("n_nodes") or size))
+        log.info(
+            "circuits compare: %s: %s (%d permutations, %.2f ms each)",
+            name,
+            by_set[name].get("verdict", by_set[name].get("status")),
+            n_permutations,
+            1e3 * by_set[name].get("seconds_per_permutation", 0.0),
+        )
+    out: dict[str, Any] = {"categories": by_set}
+    if len(for_sets) >= 2:
+        out["sets"] = compare_sets(for_sets, min(sizes), n_bootstrap=n_bootstrap, seed=seed)
+    return out

@@ -15,12 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from refusal_lab.report import circuits, sections
+from refusal_lab.report import REPORT_HTML, circuits, sections
 from refusal_lab.report.html import note, page
 
 log = logging.getLogger(__name__)
 
-REPORT_HTML = "report.html"
 SUMMARY = "summary.json"
 
 Section = Callable[[dict[str, Any], Path], str]

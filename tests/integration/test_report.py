@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from refusal_lab.circuits.compare import compare_categories, compare_sets
-from refusal_lab.report import REPORT_HTML, build_report
+from refusal_lab.report import REPORT_HTML
+from refusal_lab.report.build import build_report
 
 HOOKS = ["residuals_0", "residuals_1", "residuals_2", "residuals_3"]
 CATEGORIES = ["deception", "harassment", "privacy", "violence"]
@@ -316,3 +317,47 @@ def test_rebuild_loads_no_model_and_rewrites_only_the_report(tmp_path: Path, mon
     assert _mtimes(tmp_path) == before  # summary.json and every artifact untouched
     assert (run_dir / REPORT_HTML).read_text() == first  # the same page again: nothing recomputed differently
     assert main([str(tmp_path / "nowhere")]) == 2
+
+
+def test_report_stage_alone_rebuilds_an_earlier_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stages=[report] report.run_dir=<run>` through the pipeline: no model, every artifact untouched."""
+    import transformers
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import refusal_lab.models
+    import refusal_lab.pipeline
+    from refusal_lab.config import ConfigError, RunConfig, register_configs
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the report stage loaded a model")
+
+    monkeypatch.setattr(refusal_lab.models, "load_model", refuse)
+    monkeypatch.setattr(refusal_lab.pipeline, "load_model", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    earlier = make_run(tmp_path / "earlier")
+    before = _mtimes(tmp_path)
+    repo = Path(__file__).resolve().parents[2]
+
+    def config(*overrides: str) -> RunConfig:
+        register_configs()
+        with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
+            cfg = OmegaConf.to_object(
+                compose(config_name="config", overrides=["stages=[report]", "tracking=disabled", *overrides])
+            )
+        assert isinstance(cfg, RunConfig)
+        return cfg
+
+    summary = refusal_lab.pipeline.run(config(f"report.run_dir={earlier}"), tmp_path / "now", repo)
+    assert summary["report"]["path"] == str(earlier / REPORT_HTML)
+    assert after_only_report(before, _mtimes(tmp_path))
+    assert "graph-toxic" in (earlier / REPORT_HTML).read_text()
+    with pytest.raises(ConfigError, match="report.run_dir"):
+        refusal_lab.pipeline.run(config(f"report.run_dir={tmp_path / 'nowhere'}"), tmp_path / "again", repo)
+
+
+def after_only_report(before: dict[str, int], after: dict[str, int]) -> bool:
+    """Every file that existed is untouched; new files are only the report run's own bookkeeping."""
+    unchanged = all(after.get(path) == mtime for path, mtime in before.items())
+    new = {Path(p).name for p in set(after) - set(before)}
+    return unchanged and new <= {"summary.json", "report.html.lock", "refusal_lab.log"}

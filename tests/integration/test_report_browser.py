@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from refusal_lab.report import build_report
+from refusal_lab.report.build import build_report
 from tests.integration.test_report import make_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -6,12 +6,20 @@ have power (planted category-specific features: found, pairs not called shared).
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from refusal_lab.circuits.compare import benjamini_hochberg, compare_categories, compare_sets, holm
+from refusal_lab.circuits.compare import (
+    benjamini_hochberg,
+    compare_categories,
+    compare_committed_sets,
+    compare_sets,
+    holm,
+)
 
 N_POOL = 60
 CATS = ("fraud", "privacy", "violence")
@@ -149,3 +157,32 @@ def test_compare_sets_aligns_pools_by_hook_and_feature() -> None:
     assert verdict[("toxic", "over_refusal")] == "shared"
     assert verdict[("toxic", "safe")] == "distinct"
     assert len(next(p for p in out["pairs"] if p["b"] == "over_refusal")["shared_features"]) == 5
+
+
+def test_compare_committed_sets_reads_effects_npz(tmp_path: Path) -> None:
+    dirs = {}
+    for name, seed in (("toxic", 1), ("over_refusal", 2)):
+        effects, cats, hooks, feats, _ = planted(seed, specific=3)
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        np.savez(
+            dirs[name] / "effects.npz",
+            effects=effects.astype(np.float32),
+            pool_hook=np.asarray(hooks),
+            pool_feature=feats,
+            categories=cats,
+            labels=np.asarray(["toxic"] * len(cats)),
+            prompt_hash=np.asarray([str(i) for i in range(len(cats))]),
+        )
+    dirs["safe"] = tmp_path / "safe"  # skipped set: no effects.npz
+    entries = {
+        "toxic": {"status": "ok", "n_nodes": 13, "by_category": {"fraud": {"status": "ok", "n_nodes": 9}}},
+        "over_refusal": {"status": "ok", "n_nodes": 12},
+        "safe": {"status": "skipped", "reason": "too few"},
+    }
+    out = compare_committed_sets(dirs, entries, seed=0, n_permutations=99, n_bootstrap=20)
+    assert out["categories"]["toxic"]["size"] == 9  # the smallest committed per-category circuit
+    assert out["categories"]["over_refusal"]["size"] == 12  # no per-category circuit: the set's own size
+    assert out["categories"]["safe"]["status"] == "skipped"
+    assert out["sets"]["sets"] == ["toxic", "over_refusal"] and out["sets"]["size"] == 12
+    assert json.loads(json.dumps(out)) == out  # JSON-ready for summary.json
