@@ -280,7 +280,13 @@ class TrackingConfig:
     project: str = "refusal_lab"
     entity: str | None = None
     run_name: str | None = None
-    """None derives a name from the model and the run folder."""
+    """None names the run by its overrides (a sweep job's), else by the model and the run folder."""
+    group: str | None = None
+    """None groups a sweep's runs by the sweep folder (a single run has no group)."""
+    table_rows: int = 1000
+    """Rows of the logged table of responses and judgements (evenly spaced over the samples; 0: no table)."""
+    reference_mb: float = 100.0
+    """Artifacts (SAEs, circuit graphs, report) larger than this are logged by reference to their path, not uploaded."""
 
 
 @dataclass

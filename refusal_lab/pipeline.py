@@ -165,6 +165,7 @@ def run(cfg: RunConfig, run_dir: Path, launch_dir: Path) -> dict[str, Any]:
             log.info("%s: start; cache %s; artifact %s", spec.name.value, hit, ctx.paths[spec.name])
             with claimed(ctx.paths[spec.name]), locked(stage_locks(spec, ctx)):
                 summary[spec.name.value] = spec.run(ctx)
+            ctx.tracker.stage_done(spec.name.value, summary[spec.name.value], ctx.paths[spec.name])
             write_json_atomic(run_dir / SUMMARY, summary)
             seconds = time.perf_counter() - t_stage
             log.info("%s: end (%.1f s); artifact %s", spec.name.value, seconds, ctx.paths[spec.name])
