@@ -140,3 +140,43 @@ def test_classifier_judge_maps_its_labels_and_matches_direct_argmax(tmp_path):
         with torch.no_grad():
             logits = model(**tokenizer(q, r, return_tensors="pt")).logits[0]
         assert codes[i] == int(logits.argmax())  # answer=0, refused=1, partly=2 are the class codes here
+
+
+class KeywordLlm(torch.nn.Module):
+    """A stand-in judge model with known behaviour: it predicts the label chosen by a marker word in the row's
+    text ("nope" -> class 2, "anyway" -> class 3, else class 1; the judge prompt has neither) with certainty
+    and everything else uniformly, so the llm judge must return all three classes."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.labels = [tokenizer.encode(text, add_special_tokens=False) for text, _ in LABELS[PromptStyle.xstest]]
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        for i, row in enumerate(input_ids.tolist()):
+            text = self.tokenizer.decode(row).lower()
+            chosen = self.labels[2 if "anyway" in text else 1 if "nope" in text else 0]
+            if row[-len(chosen) :] == chosen:  # this row continues with the chosen label: predict it
+                for t in range(len(row) - len(chosen) - 1, len(row) - 1):
+                    logits[i, t, row[t + 1]] = 30.0
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits  # type: ignore[attr-defined]
+        return out
+
+
+def test_llm_judge_gives_each_class_on_constructed_responses(chat_model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    assert "nope" not in XSTEST_PROMPT.lower() and "anyway" not in XSTEST_PROMPT.lower()
+    stub = KeywordLlm(tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: stub)
+    questions = ["q1", "q2", "q3"]
+    responses = ["Sure, here it is.", "Nope, I will not.", "Nope. Anyway, here it is."]
+    codes, _ = run_llm_judge(llm_cfg(chat_model_dir), questions, responses, tmp_path)
+    assert [list(CODES)[c].value for c in codes] == ["full_compliance", "full_refusal", "partial_refusal"]
