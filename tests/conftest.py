@@ -38,10 +38,9 @@ def _template(index: int) -> str:
     return json.loads((SHARED_DATA / "chat_templates" / "ollama_template_index.json").read_text())[index]["template"]
 
 
-def build_tiny_model(out: Path, kind: str, n_layers: int = 3, hidden: int = 64, seed: int = 0) -> Path:
-    """A randomly initialised tiny Llama or Mistral (GQA; Mistral with a short sliding window)."""
-    torch.manual_seed(seed)
-    common = dict(
+def tiny_config_kwargs(n_layers: int = 3, hidden: int = 64) -> dict:
+    """LlamaConfig / MistralConfig arguments of a tiny model over the real 32000-token vocabularies (GQA)."""
+    return dict(
         vocab_size=32000,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -52,6 +51,12 @@ def build_tiny_model(out: Path, kind: str, n_layers: int = 3, hidden: int = 64, 
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def build_tiny_model(out: Path, kind: str, n_layers: int = 3, hidden: int = 64, seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama or Mistral (GQA; Mistral with a short sliding window)."""
+    torch.manual_seed(seed)
+    common = tiny_config_kwargs(n_layers, hidden)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
         tokenizer_dir, template = "llama2", LLAMA2_TEMPLATE

@@ -35,9 +35,10 @@ from refusal_lab.collect_plan import plan_collect
 from refusal_lab.config import RunConfig, register_configs
 from refusal_lab.data import Prompt
 from refusal_lab.models import load_tokenizer
+from tests.conftest import SHARED_DATA as SHARED
+from tests.conftest import tiny_config_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
 
 # Source: https://huggingface.co/meta-llama/Llama-2-7b-chat-hf/blob/main/tokenizer_config.json, "chat_template"
 # (the same string for Llama-2-13b-chat-hf; entry 28 of ../shared/data/chat_templates/ollama_template_index.json).
@@ -91,16 +92,7 @@ def or_bench_prompts(n: int = 12) -> list[str]:
 
 def model_folder(out: Path, kind: str, legacy: bool) -> Path:
     """Config (no weights: planning never loads them) + the real tokenizer.model + the shipped chat template."""
-    common = dict(
-        vocab_size=32000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = tiny_config_kwargs(n_layers=2)
     if kind == "llama2":
         LlamaConfig(**common).save_pretrained(out)
         shutil.copy(SHARED / "tokenizers" / "llama2" / "tokenizer.model", out / "tokenizer.model")
