@@ -14,7 +14,8 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from refusal_lab.config import ConfigError, Positions, RunConfig, register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ["model", "layers", "inference", "data", "sae", "tracking"]
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra", "local"))
+"""Every config group folder (a new group is composed by the tests below as soon as it exists)."""
 
 
 def options(group: str) -> list[str]:
@@ -55,8 +56,12 @@ def test_each_experiment_composes(experiment):
 
 @pytest.mark.parametrize("launcher", options("hydra/launcher"))
 def test_each_launcher_composes(launcher):
+    from hydra.utils import get_class
+
     cfg = make([f"hydra/launcher={launcher}"], hydra_cfg=True)
-    assert "submitit" in cfg.hydra.launcher._target_
+    # By name: Hydra's plugin discovery may import the submitit plugin module a second time.
+    bases = {f"{c.__module__}.{c.__name__}" for c in get_class(cfg.hydra.launcher._target_).__mro__}
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher" in bases
 
 
 def test_default_is_the_organism_on_all_layers():
