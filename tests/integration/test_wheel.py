@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SOURCES = ("pyproject.toml", "setup.py", "README.md", "refusal_lab", "conf")
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "refusal_lab", "conf", "hydra_plugins")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,9 @@ def test_wheel_ships_every_config_and_package(wheel: Path) -> None:
     missing = [c for c in configs if f"refusal_lab/conf/{c}" not in names]
     assert not missing, f"configs not in the wheel: {missing}"
     assert not [n for n in names if n.startswith("refusal_lab/conf/local/")]
-    modules = [p.relative_to(REPO).as_posix() for p in (REPO / "refusal_lab").rglob("*.py")]
+    modules = [
+        p.relative_to(REPO).as_posix() for d in ("refusal_lab", "hydra_plugins") for p in (REPO / d).rglob("*.py")
+    ]
     assert not [m for m in modules if m not in names], "modules missing from the wheel"
     assets = [p.relative_to(REPO).as_posix() for p in (REPO / "refusal_lab" / "organism" / "assets").iterdir()]
     assert not [a for a in assets if a not in names], "organism assets missing from the wheel"
@@ -65,10 +67,17 @@ def test_installed_wheel_starts_outside_the_clone(wheel: Path, tmp_path: Path) -
     site, cwd = tmp_path / "site", tmp_path / "elsewhere"
     cwd.mkdir()
     zipfile.ZipFile(wheel).extractall(site)
-    where = _run_installed(site, cwd, "-c", "import refusal_lab.__main__ as m; print(m.__file__, m.CONFIG_PATH)")
+    where = _run_installed(
+        site,
+        cwd,
+        "-c",
+        "import refusal_lab.__main__ as m, hydra_plugins.refusal_lab_launcher as p; "
+        "print(m.__file__, m.CONFIG_PATH, p.__file__)",
+    )
     assert where.returncode == 0, where.stderr
-    module_file, config_path = where.stdout.split()
+    module_file, config_path, launcher_file = where.stdout.split()
     assert Path(module_file).is_relative_to(site) and config_path == "conf"
+    assert Path(launcher_file).is_relative_to(site)  # conf/hydra/launcher/* name these launchers
 
     helped = _run_installed(site, cwd, "-m", "refusal_lab", "--help")
     assert helped.returncode == 0, helped.stderr
