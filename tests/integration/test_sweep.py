@@ -31,6 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 COLLECT_ONLY = ["stages=[collect]", "tracking=disabled", "inference.max_new_tokens=4"]
 POSITIONS_SWEEP = [*COLLECT_ONLY, "data.limit=20", "inference.positions=last_prompt,post_instruction"]
+COMMON_SAE = [
+    "tracking=disabled", "sae.expansion_factor=2", "sae.k=8", "sae.batch_size=128",
+    "sae.epochs=null", "sae.train_tokens=1024", "sae.buffer_tokens=512", "sae.stats_tokens=512", "sae.eval_tokens=256",
+    "sae.ce_max_samples=4", "sae.device=cpu", "upstream_timeout_s=900",
+]  # fmt: skip
+"""A small SAE for the organism (as tests/integration/test_shards.py trains)."""
 SLURM_LAUNCHER = [
     "hydra/launcher=slurm",
     "hydra.launcher.partition=debug",
@@ -234,3 +240,104 @@ def test_requeued_slurm_job_resumes_and_the_launcher_returns(slurm, tmp_path):
         f"requeue at {requeued_at:.1f} s after {done} committed samples, resumed after {resumed[0]}; "
         f"total {time.perf_counter() - start:.1f} s"
     )
+
+
+def squeue_tasks(array_id: str) -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return out.stdout.split()
+
+
+def part_committed(index_dir: Path, shard: int) -> int:
+    manifest = index_dir / f"part-{shard:05d}-of-00003.zarr" / "manifest.json"
+    try:
+        return int(json.loads(manifest.read_text())["committed_samples"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+SHARDED = [
+    *COMMON_SAE,
+    "data.limit=240",  # 120 batches of 2 round-robin over 3 shards: 80 prompts, ~10 s of collect each
+    "inference.max_new_tokens=16",
+    "inference.batch_size=2",
+    "inference.commit_tokens=1",
+]
+
+
+@pytest.mark.slurm
+def test_sharded_collect_array_then_sae_jobs_on_the_joined_store_with_a_requeued_task(slurm, tmp_path):
+    """3 shard tasks (one SLURM array), then 2 per-hook SAE tasks submitted while the shards still run.
+
+    The SAE tasks wait for the parts (claims written at submission and at start), shard 1 is
+    requeued after its first commit and resumes its part, and the SAEs train on the joined store.
+    """
+    collect_cmd = [
+        *sweep_command(tmp_path, *SLURM_LAUNCHER, *SHARDED, "stages=[collect]", "inference.shards=3",
+                       "inference.shard=0,1,2"),
+    ]  # fmt: skip
+    collect_cmd[collect_cmd.index(f"hydra.sweep.dir={tmp_path / 'sweep'}")] = f"hydra.sweep.dir={tmp_path / 'collect'}"
+    sae_cmd = sweep_command(
+        tmp_path, *SLURM_LAUNCHER, *SHARDED, "stages=[sae]", "sae.hooks=[residuals_0],[residuals_1]"
+    )
+    logs = {name: (tmp_path / f"{name}.log").open("w") for name in ("collect", "sae")}
+    procs: dict[str, subprocess.Popen] = {}
+    array_id = None
+    try:
+        procs["collect"] = subprocess.Popen(
+            collect_cmd, cwd=REPO, env=ENV, stdout=logs["collect"], stderr=subprocess.STDOUT
+        )
+        deadline = time.time() + 240
+        while array_id is None:
+            folders = [d.name for d in (tmp_path / "collect" / ".submitit").glob("*_*") if ARRAY_TASK_DIR.match(d.name)]
+            array_id = folders[0].split("_")[0] if folders else None
+            assert procs["collect"].poll() is None, (tmp_path / "collect.log").read_text()[-3000:]
+            assert time.time() < deadline, "the shard array was not submitted within 240 s"
+            time.sleep(0.5)
+        # The SAE array goes in behind the shards (it needs their parts): its tasks must wait, not fail.
+        procs["sae"] = subprocess.Popen(sae_cmd, cwd=REPO, env=ENV, stdout=logs["sae"], stderr=subprocess.STDOUT)
+        index_dir = next((tmp_path / "artifacts" / "collect").glob("*.zarr"), None)
+        while index_dir is None or part_committed(index_dir, 1) == 0:
+            assert procs["collect"].poll() is None, "the shards ended before shard 1's first commit"
+            assert time.time() < deadline + 240, "shard 1 committed nothing"
+            time.sleep(0.2)
+            index_dir = next((tmp_path / "artifacts" / "collect").glob("*.zarr"), None)
+        done = part_committed(index_dir, 1)
+        subprocess.run(["scontrol", "requeue", f"{array_id}_1"], check=True, timeout=30)
+        for name in ("collect", "sae"):
+            assert procs[name].wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        if array_id is not None and any(p.returncode != 0 for p in procs.values()):
+            subprocess.run(["scancel", array_id], timeout=30)
+        for log in logs.values():
+            log.close()
+
+    task = f"{array_id}_1"
+    assert sacct_states(task, duplicates=True) == ["REQUEUED", "COMPLETED"], "shard 1 ran twice"
+    shard_logs = {
+        int(OmegaConf.load(d / ".hydra" / "config.yaml").inference.shard): d
+        for d in job_dirs(tmp_path / "collect").values()
+    }
+    log_text = (shard_logs[1] / "refusal_lab.log").read_text()
+    resumed = [int(n) for n in re.findall(r"collect: resuming after (\d+) committed samples", log_text)]
+    assert len(resumed) == 1 and done <= resumed[0] < 80, (resumed, done)
+
+    joined = ActivationStore.open(index_dir)
+    assert joined.n_samples == 240 and sorted(joined.samples()["sample_id"].tolist()) == list(range(240))
+    token_ids = joined.tokens()["sample_id"]
+    runs = token_ids[np.r_[True, token_ids[1:] != token_ids[:-1]]].tolist()
+    assert runs == joined.samples()["sample_id"].tolist(), "joined rows in the single run's order"
+
+    sae_jobs = job_dirs(tmp_path / "sweep")
+    assert sorted(sae_jobs) == [0, 1]
+    trained = {}
+    for job_dir in sae_jobs.values():
+        summary = json.loads((job_dir / "summary.json").read_text())
+        (hook,) = summary["sae"]
+        trained[hook] = Path(summary["sae"][hook]["path"])
+    assert sorted(trained) == ["residuals_0", "residuals_1"]
+    assert trained["residuals_0"].parent == trained["residuals_1"].parent, "one SAE folder, one task per hook"
+    sae_log = "".join((d / "refusal_lab.log").read_text() for d in sae_jobs.values())
+    assert "upstream: collect is being produced by" in sae_log, "an SAE task waited for the shards"
