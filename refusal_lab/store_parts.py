@@ -285,10 +285,21 @@ class JoinedStore(ActivationStore):
                 )
         return cls(path, index, parts)
 
-    def acts(self, hook: str) -> Any:
-        raise TypeError(
-            f"store: {self.path} is joined from {len(self.parts)} parts; read rows with read(hook, start, stop)"
-        )
+    def acts(self, hook: str) -> Any:  # a JoinedArray: the zarr-array calls readers use, across the parts
+        """The stored (undecoded) values of `hook` across the parts, as a read-only array-like (see JoinedArray)."""
+        if hook not in self.hook_points:
+            raise KeyError(f"store: no hook point {hook!r} in {self.path}; it has {self.hook_points}")
+        return JoinedArray(self, hook)
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row inside the part) of each global token row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_tokens):
+            raise IndexError(f"store: rows outside the {self.n_tokens} tokens of {self.path}")
+        seg = np.searchsorted(self._token_starts, rows, side="right") - 1
+        part = np.array([p for p, _, _ in self._token_seg], dtype=np.int64)[seg]
+        first = np.array([t0 for _, t0, _ in self._token_seg], dtype=np.int64)[seg]
+        return part, first + rows - self._token_starts[seg]
 
     def decode(self, hook: str, values: np.ndarray) -> np.ndarray:
         return self.parts[0].decode(hook, values)
@@ -349,3 +360,36 @@ class JoinedStore(ActivationStore):
             for hook, n in part.overflow_counts().items():
                 total[hook] = total.get(hook, 0) + n
         return total
+
+
+class JoinedArray:
+    """`JoinedStore.acts(hook)`: what callers of a single store's zarr array use, read across the parts.
+
+    Supports `[start:stop]` (rows) and `get_orthogonal_selection((rows, slice(None)))`, returning
+    the stored values (decode them with the store's `decode`), plus `shape`, `dtype` and `attrs`.
+    """
+
+    def __init__(self, store: JoinedStore, hook: str) -> None:
+        self._store = store
+        self._hook = hook
+        first = store.parts[0].acts(hook)
+        self.attrs = first.attrs
+        self.dtype = first.dtype
+        self.shape = (store.n_tokens, store.d_model)
+
+    def get_orthogonal_selection(self, selection: tuple[Any, ...]) -> np.ndarray:
+        rows, columns = selection
+        rows = np.asarray(rows, dtype=np.int64)
+        part, local = self._store.locate(rows)
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        for p in np.unique(part).tolist():
+            mine = np.flatnonzero(part == p)
+            order = np.argsort(local[mine], kind="stable")
+            picked = self._store.parts[p].acts(self._hook).get_orthogonal_selection((local[mine][order], slice(None)))
+            out[mine[order]] = np.asarray(picked)
+        return out[:, columns]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("JoinedArray: index rows with a slice, or use get_orthogonal_selection")
+        return self.get_orthogonal_selection((np.arange(self.shape[0])[key], slice(None)))

@@ -120,6 +120,11 @@ def test_joined_parts_equal_the_single_store(tmp_path: Path, order, batches, sha
         assert np.array_equal(joined.read(hook, 0, joined.n_tokens).view(np.uint32), whole.view(np.uint32))
         for start, stop in [(0, 1), (5, 40), (37, 38), (20, one.n_tokens), (one.n_tokens, one.n_tokens)]:
             assert np.array_equal(joined.read(hook, start, stop), whole[start:stop]), (start, stop)
+        # Scattered rows through acts(): what readers of a single store's zarr array call (circuits.direction).
+        rows = np.random.default_rng(shards).choice(one.n_tokens, size=25, replace=False)
+        stored = np.asarray(one.acts(hook).get_orthogonal_selection((np.sort(rows), slice(None))))
+        assert np.array_equal(joined.acts(hook).get_orthogonal_selection((np.sort(rows), slice(None))), stored)
+        assert np.array_equal(joined.acts(hook)[3:30], np.asarray(one.acts(hook)[3:30]))
     assert joined.overflow_counts() == one.overflow_counts()
     assert joined.attrs["chunk_tokens"] == 8 and PART_ATTRS not in joined.attrs
 
