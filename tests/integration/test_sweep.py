@@ -264,6 +264,7 @@ SHARDED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_sharded_collect_array_then_sae_jobs_on_the_joined_store_with_a_requeued_task(slurm, tmp_path):
     """3 shard tasks (one SLURM array), then 2 per-hook SAE tasks submitted while the shards still run.

@@ -23,6 +23,8 @@ import pytest
 from tests.integration.test_shards import COMMON, REPO
 from tests.integration.wandb_records import history, of_type, read_records, summary
 
+pytestmark = pytest.mark.slow  # two pipeline runs of a minute or more each on 2 cores
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
 OVERRIDES = [o for o in COMMON if not o.startswith("tracking=")] + [
     "tracking=offline",
