@@ -176,10 +176,11 @@ class CollectStage:
 def stage_specs() -> dict[Stage, StageSpec]:
     """Every implemented stage, in pipeline order (the Stage enum's order)."""
     # Imported here: stage packages import refusal_lab.config, which must finish loading first.
+    from refusal_lab.circuits.stage import CircuitsStage
     from refusal_lab.judge.spec import JudgeStage
     from refusal_lab.report.stage import ReportStage
     from refusal_lab.sae.spec import SaeStage
 
-    specs: list[StageSpec] = [CollectStage(), JudgeStage(), SaeStage(), ReportStage()]
+    specs: list[StageSpec] = [CollectStage(), JudgeStage(), SaeStage(), CircuitsStage(), ReportStage()]
     order = list(Stage)
     return {spec.name: spec for spec in sorted(specs, key=lambda s: order.index(s.name))}

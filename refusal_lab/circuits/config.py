@@ -84,6 +84,8 @@ class CircuitsConfig:
         default_factory=lambda: [DiscoverySet.toxic, DiscoverySet.safe, DiscoverySet.over_refusal]
     )
     """Discovery sets: toxic, safe (each vs harmless contrast) and over_refusal (safe refused vs safe answered)."""
+    hooks: list[str] = field(default_factory=list)
+    """Hook points the circuits span (each needs an SAE); empty: every hook point of the run."""
     by_category: bool = True
     """Also find a circuit per category (attribution, faithfulness and random sets; no generation)."""
     method: Method = Method.ig
@@ -109,6 +111,8 @@ class CircuitsConfig:
     """A node needs |mean effect| above this to survive."""
     node_share: float = 0.95
     """Keep the fewest nodes covering this share of the total |effect| of the SAE features (1.0: no share cut)."""
+    category_edges: bool = False
+    """Also compute edges for per-category sets (pooled sets always get them)."""
     edge_threshold: float = 0.0
     """An edge needs |effect| above this."""
     edge_share: float = 0.9

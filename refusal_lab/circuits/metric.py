@@ -51,14 +51,27 @@ def _rows_at(logits_BTV: torch.Tensor, index_B: torch.Tensor) -> torch.Tensor:
     return logits_BTV[rows, index_B.to(logits_BTV.device)]
 
 
+def logits_needed(batch: PromptBatch, spec: MetricSpec) -> int:
+    """How many trailing positions' logits the metric reads (pass as `logits_to_keep`: the LM head is costly)."""
+    extra = spec.k - 1 if spec.kind == MetricKind.response_score else 0
+    return int(batch.width - int(batch.last_prompt_index.min())) + extra
+
+
 def refusal_metric(logits_BTV: torch.Tensor, batch: PromptBatch, spec: MetricSpec) -> torch.Tensor:
-    """[B] float64 metric per prompt of the batch (positive: leaning to refuse, for the default)."""
-    if logits_BTV.ndim != 3 or logits_BTV.shape[:2] != (batch.size, batch.width):
+    """[B] float64 metric per prompt of the batch (positive: leaning to refuse, for the default).
+
+    `logits_BTV` holds every position of the batch, or only the last T (a forward with
+    `logits_to_keep=T`, at least `logits_needed(batch, spec)`).
+    """
+    if logits_BTV.ndim != 3 or logits_BTV.shape[0] != batch.size or not 0 < logits_BTV.shape[1] <= batch.width:
         raise ValueError(
-            f"refusal_metric: logits must be [batch, positions, vocab] = [{batch.size}, {batch.width}, V], "
+            f"refusal_metric: logits must be [batch, positions, vocab] = [{batch.size}, <= {batch.width}, V], "
             f"got {tuple(logits_BTV.shape)}"
         )
-    last_B = batch.last_prompt_index
+    shift = batch.width - logits_BTV.shape[1]  # column c of the batch is column c - shift of the logits
+    if int(batch.last_prompt_index.min()) < shift:
+        raise ValueError(f"refusal_metric: the logits of the last {logits_BTV.shape[1]} positions miss a prompt's end")
+    last_B = batch.last_prompt_index - shift
     if spec.kind == MetricKind.first_token_score:
         return refusal_score(_rows_at(logits_BTV, last_B), spec.refusal_ids)
     if spec.kind == MetricKind.logit_diff:
@@ -70,7 +83,7 @@ def refusal_metric(logits_BTV: torch.Tensor, batch: PromptBatch, spec: MetricSpe
     n_B = torch.clamp(torch.minimum(batch.n_response_tokens, torch.tensor(spec.k)), min=1).to(logits_BTV.device)
     total = torch.zeros(batch.size, dtype=torch.float64, device=logits_BTV.device)
     for j in range(spec.k):
-        col_B = torch.clamp(last_B.to(logits_BTV.device) + j, max=batch.width - 1)
+        col_B = torch.clamp(last_B.to(logits_BTV.device) + j, max=logits_BTV.shape[1] - 1)
         score_B = refusal_score(_rows_at(logits_BTV, col_B), spec.refusal_ids)
         total = total + torch.where(j < n_B, score_B, torch.zeros_like(score_B))
     return total / n_B.to(torch.float64)
