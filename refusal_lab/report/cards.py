@@ -7,8 +7,8 @@ folder, and the report draws it (the report itself never encodes activations).
 Per feature: the `n_contexts` highest activations on distinct samples, each with the stored
 tokens around it (decoded one by one, the firing token marked) and the sample's category and
 label; and the share of samples of each label and category on which it fires on at least
-one stored token. At most `max_samples` samples are read (evenly spaced over the store), so
-the cost stays bounded on a large store.
+one stored prompt token. Only prompt and post-instruction tokens are encoded, of at most
+`max_samples` samples (evenly spaced over the store), so the cost stays bounded on a large store.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from refusal_lab.store import ActivationStore
+from refusal_lab.store import ActivationStore, Phase
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +43,24 @@ def _pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 @torch.no_grad()
 def feature_cards(
-    store_path: Path,
+    store_path: Path | Any,
     saes: Mapping[str, Any],
     features: Sequence[tuple[str, int]],
     tokenizer: Any,
     *,
-    max_samples: int = 400,
+    max_samples: int = 200,
     n_contexts: int = 5,
 ) -> dict[str, Any]:
-    """Cards for `features` ((hook, feature index) pairs); JSON-ready."""
-    store = ActivationStore.open(store_path)
+    """Cards for `features` ((hook, feature index) pairs); JSON-ready. `store_path`: a store folder, or an
+    open store (anything with tokens(), samples() and read(hook, start, stop), as ActivationStore)."""
+    store = ActivationStore.open(Path(store_path)) if isinstance(store_path, str | Path) else store_path
     tokens = store.tokens()
     samples = store.samples()
     sample_ids = np.asarray(samples["sample_id"])
     keep_ids = sample_ids[np.unique(np.linspace(0, len(sample_ids) - 1, min(max_samples, len(sample_ids))).astype(int))]
     row_sample = np.asarray(tokens["sample_id"])
-    rows = np.flatnonzero(np.isin(row_sample, keep_ids))
+    # Prompt and template tokens only: where the circuits' attribution lives, and the cheaper half to encode.
+    rows = np.flatnonzero(np.isin(row_sample, keep_ids) & (np.asarray(tokens["phase"]) != int(Phase.GENERATED)))
     position = np.asarray(tokens["position"])
     token_id = np.asarray(tokens["token_id"])
     info = {int(s): i for i, s in enumerate(sample_ids)}
@@ -94,7 +96,7 @@ def feature_cards(
     return {
         "n_samples_read": len(keep_ids),
         "window": [WINDOW_BEFORE, WINDOW_AFTER],
-        "fires_on_rule": "share of the samples read (of that label or category) with activation > 0 on a stored token",
+        "fires_on_rule": "share of the samples read (of that label or category) with activation > 0 on a prompt token",
         "cards": cards,
     }
 
@@ -113,7 +115,7 @@ def _groups(keys: np.ndarray, values: np.ndarray) -> list[tuple[int, np.ndarray]
     return [(int(k[0]), v) for k, v in zip(np.split(keys, cuts), np.split(values, cuts), strict=True)]
 
 
-def _read_rows(store: ActivationStore, hook: str, rows: np.ndarray) -> np.ndarray:
+def _read_rows(store: Any, hook: str, rows: np.ndarray) -> np.ndarray:
     """Activations of the given (sorted) token rows, read as contiguous runs."""
     out = []
     for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
@@ -201,7 +203,8 @@ def write_feature_cards(
     features = sorted({key for keys in wanted.values() for key in keys})
     if not features:
         return
-    saes = {hook: load_sae(sae_root / hook).eval() for hook in sorted({h for h, _ in features})}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    saes = {hook: load_sae(sae_root / hook).eval().to(device) for hook in sorted({h for h, _ in features})}
     cards = feature_cards(store_path, saes, features, tokenizer)
     by_key = {(c["hook"], c["feature"]): c for c in cards["cards"]}
     for name, keys in wanted.items():

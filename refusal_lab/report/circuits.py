@@ -31,7 +31,8 @@ def _node_key(node: Any) -> tuple[str, int] | None:
     """(hook, feature) of a node given as a dict, a [hook, feature] pair or a 'hook:feature' string."""
     if isinstance(node, dict):
         hook = node.get("hook")
-        feature = node.get("feature", -1 if node.get("error") or node.get("kind") == "error" else None)
+        error = node.get("error") or node.get("kind") == "error"
+        feature = -1 if error else node.get("feature")
         return None if hook is None or feature is None else (str(hook), int(feature))
     if isinstance(node, list | tuple) and len(node) == 2:
         return str(node[0]), int(node[1])
@@ -139,10 +140,38 @@ def entry_table(entry: dict[str, Any]) -> str:
         ],
         ["KL on harmless prompts (circuit ablated)", ablation.get("kl_harmless")],
     ]
+    if ablation.get("refusal_rate_before") is not None:
+        rows.insert(
+            5,
+            [
+                "refusal rate before / after ablation (held-out targets)",
+                f"{fmt(ablation.get('refusal_rate_before'))} / {fmt(ablation.get('refusal_rate_after'))}",
+            ],
+        )
+    if ablation.get("refusal_rate_drop_steered") is not None:
+        rows.append(
+            [
+                f"refusal-rate drop, circuit steered (alpha {fmt(ablation.get('steer_alpha'))}) / KL harmless",
+                f"{fmt(ablation.get('refusal_rate_drop_steered'))} / {fmt(ablation.get('kl_harmless_steered'))}",
+            ]
+        )
+    direction = ablation.get("direction") or {}
+    if direction.get("refusal_rate_drop") is not None:
+        rows.append(
+            [
+                "baseline: difference-in-means direction projected out, refusal-rate drop / KL harmless",
+                f"{fmt(direction.get('refusal_rate_drop'))} / {fmt(direction.get('kl_harmless'))}",
+            ]
+        )
     out = table(["", "value"], [[Raw(esc(k)), v if not isinstance(v, str) else Raw(esc(v))] for k, v in rows])
     by_label = ablation.get("refusal_rate_drop_by_label") or {}
     if by_label:
         out += table(["label", "refusal-rate drop (circuit ablated)"], list(by_label.items()))
+    examples = ablation.get("examples") or []
+    if examples:
+        keys = [k for k in ("label", "unedited", "ablated", "steered") if any(k in e for e in examples)]
+        out += "<details><summary>Example generations (unedited, circuit ablated, steered)</summary>"
+        out += table(keys, [[e.get(k, "") for k in keys] for e in examples], text_cols=len(keys)) + "</details>"
     return out
 
 

@@ -112,21 +112,22 @@ def _effects(seed: int) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
 
 
 def _set_entry(folder: Path, name: str, drop: float) -> dict[str, Any]:
+    # The circuits stage's layout: ids "hook/feature", error nodes with kind "error" and no feature index.
     nodes = [
-        {"id": f"{h}:{f}", "hook": h, "feature": f, "effect": e}
+        {"id": f"{h}/{f}", "hook": h, "feature": f, "kind": "feature", "effect": e}
         for h, f, e in [
             ("residuals_0", 12, 0.9),
             ("residuals_0", 40, -0.2),
             ("residuals_1", 7, 0.6),
             ("residuals_2", 3, 0.5),
             ("residuals_3", 9, 0.8),
-            ("residuals_3", -1, 0.1),
         ]
-    ]
+    ] + [{"id": "residuals_3/error", "hook": "residuals_3", "feature": None, "kind": "error", "effect": 0.1}]
     edges = [
-        {"source": "residuals_0:12", "target": "residuals_1:7", "weight": 0.4},
-        {"source": "residuals_1:7", "target": "residuals_2:3", "weight": 0.3},
-        {"source": "residuals_2:3", "target": "residuals_3:9", "weight": -0.1},
+        {"source": "residuals_0/12", "target": "residuals_1/7", "effect": 0.4},
+        {"source": "residuals_1/7", "target": "residuals_2/3", "effect": 0.3},
+        {"source": "residuals_2/3", "target": "residuals_3/9", "effect": -0.1},
+        {"source": "residuals_2/3", "target": "residuals_3/error", "effect": 0.05},
     ]
     _write(folder / "graph.json", {"nodes": nodes, "edges": edges})
     _write(folder / "validation.json", {"ablation": {"random_refusal_rate_drops": [0.0, 0.011, 0.022, 0.033, 0.0] * 3}})
@@ -271,6 +272,8 @@ def test_report_shows_every_section_from_the_artifacts(tmp_path: Path) -> None:
     }
     assert expected <= set(plots), expected - set(plots)
     assert len(plots) == len(set(plots))
+    graph = re.search(r'data-plot="graph-toxic">(.*?)</figure>', html, re.S)
+    assert graph and ">f12<" in graph.group(1) and ">err<" in graph.group(1)  # features and the error node drawn
     assert 'class="note"' in html and "7 refused safe prompts &lt; 8" in html  # over_refusal skipped: a note
     for number in ("0.139", "0.957", "0.0217", "0.993", "0.985"):  # SAE FVU, ablation, judge agreement and kappa
         assert number in html, number
