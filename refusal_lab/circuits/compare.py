@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from refusal_lab.progress import progress
+
 log = logging.getLogger(__name__)
 
 ALPHA = 0.05
@@ -231,7 +233,7 @@ def compare_categories(
     null_vals: dict[str, list[np.ndarray]] = {name: [] for name in observed}
     spec_exceed = np.zeros((n_cat, n_pool))
     t_perm = time.perf_counter()
-    for start in range(0, n_permutations, CHUNK):
+    for start in progress(range(0, n_permutations, CHUNK), desc="compare: permutations (chunks)"):
         x = min(CHUNK, n_permutations - start)
         # A random permutation of the prompts over the grouped layout = labels shuffled, group sizes kept.
         means = group_means(np.stack([rng.permutation(n) for _ in range(x)]))
