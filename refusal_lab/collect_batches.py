@@ -22,6 +22,7 @@ from refusal_lab.config import InferenceConfig, RunConfig
 from refusal_lab.data import Prompt
 from refusal_lab.generation import Generation, generate_greedy
 from refusal_lab.hooks import ActivationRecorder, hooks_registered
+from refusal_lab.judge.continuation import continue_responses
 from refusal_lab.judge.core import refused_by_rule, rule_judge_for
 from refusal_lab.models import input_device
 from refusal_lab.refusal import refusal_score, refusal_token_ids
@@ -129,10 +130,22 @@ class BatchRunner:
         tokens = gen.tokens_BM.cpu()
         valid = gen.valid_BM.cpu()
         n_generated = valid.sum(-1).tolist()
+        # The judges read up to judge.max_response_tokens: capped rows are continued outside the hooks.
+        response_ids = continue_responses(
+            self.model,
+            rows,
+            tokens,
+            valid,
+            self.cfg.judge.max_response_tokens,
+            self.eos_ids,
+            self.pad_id,
+            self.device,
+            self.plan.greedy,
+        )
         samples: list[SampleRecord] = []
         for row, index in enumerate(indices):
             prompt = prompts[index]
-            response = str(self.tokenizer.decode(tokens[row, : n_generated[row]].tolist(), skip_special_tokens=True))
+            response = str(self.tokenizer.decode(response_ids[row], skip_special_tokens=True))
             samples.append(
                 SampleRecord(
                     sample_id=prompt.sample_id,

@@ -64,5 +64,6 @@ def collect_fingerprint(cfg: RunConfig, plan: CollectPlan, prompts_fp: str) -> d
         "refused": {
             **rule_settings(cfg.judge, m.name, m.refusal_prefixes),
             "partial_is_refused": cfg.judge.partial_is_refused,
+            "max_response_tokens": cfg.judge.max_response_tokens,  # the response text judged
         },
     }

@@ -120,6 +120,9 @@ class JudgeConfig:
     of the responses (split by prompt hash), agreement reported on the other half."""
     calibrate_against: JudgeName = JudgeName.rule
     """The judge whose binary view the score threshold is fitted to (keyword, rule, llm or classifier)."""
+    max_response_tokens: int = 128
+    """Collect continues each response past inference.max_new_tokens up to this many tokens, without capturing
+    activations, so the judges read whole answers (refusal_lab.judge.continuation); at most max_new_tokens: off."""
     llm: LlmJudgeConfig = field(default_factory=LlmJudgeConfig)
     classifier: ClassifierJudgeConfig = field(default_factory=ClassifierJudgeConfig)
 
@@ -135,6 +138,8 @@ class JudgeConfig:
             errors.append(f"judge.family: {self.family!r} is unknown; valid: auto, {', '.join(sorted(FAMILY_CUES))}")
         if self.max_chars <= 0:
             errors.append(f"judge.max_chars: {self.max_chars} must be > 0")
+        if self.max_response_tokens < 0:
+            errors.append(f"judge.max_response_tokens: {self.max_response_tokens} must be >= 0 (0: no continuation)")
         if self.calibrate_against == JudgeName.score:
             errors.append("judge.calibrate_against: score cannot be calibrated against itself; use rule, keyword, llm")
         if JudgeName.llm in self.judges and not self.llm.model:
