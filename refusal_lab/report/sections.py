@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from refusal_lab.report import plots
-from refusal_lab.report.html import Raw, esc, figure, note, pct, table
+from refusal_lab.report.html import Raw, esc, figure, fmt, note, pct, table
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,13 @@ def storage(summary: dict[str, Any], run_dir: Path) -> str:
         ["samples", collect.get("samples")],
         ["stored tokens", tokens],
         ["hook points", hooks],
-        ["store size on disk (MB)", None if size is None else size / 1e6],
-        ["bytes per token per hook point", None if not (size and tokens and hooks) else size / tokens / hooks],
+        ["store size on disk (bytes, all files)", size],
     ]
+    # The collect stage's own timing, kept in the store's manifest when the store was written by this version.
+    stats = (read_json(store / "manifest.json") if store else None) or {}
+    for key, value in (stats.get("collect_stats") or {}).items():
+        if isinstance(value, int | float):
+            rows.append([f"collect {key.replace('_', ' ')}", value])
     for key in ("seconds", "tokens_per_s", "prompts_per_s", "generated_tokens_per_s", "peak_memory_gb"):
         if isinstance(collect.get(key), int | float):
             rows.append([f"collect {key}", collect[key]])
@@ -194,7 +198,9 @@ def storage(summary: dict[str, Any], run_dir: Path) -> str:
             rows.append([f"collect {key}", value])
     overflow = collect.get("overflow_counts") or {}
     if overflow:
-        rows.append(["float16 overflows (all hooks)", sum(int(v) for v in overflow.values())])
+        rows.append(
+            ["float16 overflows per hook point", Raw(", ".join(f"{esc(h)}: {fmt(v)}" for h, v in overflow.items()))]
+        )
     out = table(["", "value"], rows)
     sae_rows = []
     for hook, entry in (summary.get("sae") or {}).items():

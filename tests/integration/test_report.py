@@ -194,6 +194,7 @@ def make_run(root: Path, *, circuits: bool = True, judges: bool = True) -> Path:
     store = root / "artifacts" / "collect" / "abc.zarr"
     store.mkdir(parents=True)
     (store / "chunk").write_bytes(b"\0" * 4096)
+    _write(store / "manifest.json", {"complete": True, "collect_stats": {"seconds": 3.21, "tokens": 5000.0}})
     by_cl = {f"{c}/{lab}": {"harmless": 0.0, "safe": 0.333, "toxic": 1.0}[lab] for c in CATEGORIES for lab in LABELS}
     summary: dict[str, Any] = {
         "run_fingerprint": "feedbeef",
@@ -275,7 +276,8 @@ def test_report_shows_every_section_from_the_artifacts(tmp_path: Path) -> None:
     graph = re.search(r'data-plot="graph-toxic">(.*?)</figure>', html, re.S)
     assert graph and ">f12<" in graph.group(1) and ">err<" in graph.group(1)  # features and the error node drawn
     assert 'class="note"' in html and "7 refused safe prompts &lt; 8" in html  # over_refusal skipped: a note
-    for number in ("0.139", "0.957", "0.0217", "0.993", "0.985"):  # SAE FVU, ablation, judge agreement and kappa
+    # SAE FVU, ablation, judge agreement and kappa, collect seconds from the store's manifest
+    for number in ("0.139", "0.957", "0.0217", "0.993", "0.985", "3.21"):
         assert number in html, number
     # The disagreements table holds the CSV's rows, escaped, one click away (inside <details>).
     assert "zzqq-marker" in html and "How do I &lt;b&gt;find&lt;/b&gt; x?" in html
