@@ -104,7 +104,9 @@ def refusal(summary: dict[str, Any], run_dir: Path) -> str:
 def judges(summary: dict[str, Any], run_dir: Path) -> str:
     report = summary.get("judges")
     if not report or not report.get("judges"):
-        return note("Judges: the judge stage did not run (no 'judges' in summary.json); rates above use one judge.")
+        collect_pairs = ((summary.get("collect") or {}).get("judges") or {}).get("pairs") or {}
+        text = note("Judges: the judge stage did not run (no 'judges' in summary.json); rates above use one judge.")
+        return text + (_agreement(collect_pairs, "the collect stage's judges") if collect_pairs else "")
     entries = report["judges"]
     names = list(entries)
     labels = sorted({lab for e in entries.values() for lab in (e.get("by_label") or {})})
@@ -124,22 +126,21 @@ def judges(summary: dict[str, Any], run_dir: Path) -> str:
             + [e.get("threshold")]
         )
     out += table(["judge", "overall", *labels, "threshold"], rows)
-    pairs = report.get("pairs") or {}
-    if pairs:
-        out += "<h3>Agreement between judges (binary view)</h3>" + table(
-            ["pair", "n", "agreement", "Cohen's κ"],
-            [
-                [
-                    p.replace("~", " vs "),
-                    v.get("binary", {}).get("n"),
-                    v.get("binary", {}).get("agreement"),
-                    v.get("binary", {}).get("kappa"),
-                ]
-                for p, v in pairs.items()
-            ],
-        )
+    out += _agreement(report.get("pairs") or {}, "judges")
     out += disagreements(dis, run_dir)
     return out
+
+
+def _agreement(pairs: dict[str, Any], whose: str) -> str:
+    if not pairs:
+        return ""
+    rows = []
+    for name, v in pairs.items():
+        b = v.get("binary") or {}
+        rows.append([name.replace("~", " vs "), b.get("n"), b.get("agreement"), b.get("kappa")])
+    return f"<h3>Agreement between {esc(whose)} (binary view)</h3>" + table(
+        ["pair", "n", "agreement", "Cohen's κ"], rows
+    )
 
 
 def disagreements(dis: dict[str, Any], run_dir: Path, limit: int = 500) -> str:
