@@ -99,6 +99,11 @@ class SaeConfig:
     """A latent that has not fired for this many training tokens is dead for AuxK (capped at one epoch's tokens)."""
     lr: float = 4e-3
     """Adam learning rate (peak); for d_sae in the tens of thousands use ~2e-4 / sqrt(d_sae / 16384) (Gao et al.)."""
+    decoder_lr_scale: float = 4.0
+    """The decoder's learning rate as a multiple of `lr`. Its rows are kept at unit norm, so a step of size lr
+    turns them by about lr radians; SAELens's free-norm decoder (rows near 0.1) turns ~10x faster. With 1 the
+    SAE learned slower per token than SAELens and sparsify; 3-5 matched or beat both
+    (benchmarks/bench_sae_quality.py; numbers in the README)."""
     lr_warmup_fraction: float = 0.05
     """Share of the steps with a linear warmup from 0."""
     lr_decay: LrDecay = LrDecay.linear
@@ -169,6 +174,7 @@ class SaeConfig:
         check(self.auxk_k >= 0, f"sae.auxk_k: {self.auxk_k} must be >= 0 (0 = d_model // 2)")
         check(self.dead_tokens > 0, f"sae.dead_tokens: {self.dead_tokens} must be > 0")
         check(self.lr > 0, f"sae.lr: {self.lr} must be > 0")
+        check(self.decoder_lr_scale > 0, f"sae.decoder_lr_scale: {self.decoder_lr_scale} must be > 0")
         for name in ("lr_warmup_fraction", "lr_decay_fraction"):
             value = getattr(self, name)
             check(0 <= value <= 1, f"sae.{name}: {value} must be in [0, 1]")

@@ -16,11 +16,12 @@ from refusal_lab.sae.config import OUTPUT_NEUTRAL_FIELDS
 if TYPE_CHECKING:
     from refusal_lab.stages import RunContext
 
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 """Bump whenever the sae stage's output changes for the same config (training, metrics, layout).
 
 2: rows holding inf/NaN and norm outliers dropped from batches (no BatchTopK slots, threshold or dead
-counts), the held-out split by prompt-text hash, eval_tokens counted per sample, balance drawn per pass."""
+counts), the held-out split by prompt-text hash, eval_tokens counted per sample, balance drawn per pass.
+3: encoder initialised as ENCODER_INIT_SCALE (refusal_lab.sae.model) x the decoder transpose."""
 
 
 def sae_fingerprint(cfg: RunConfig, collect_fp: str) -> str:

@@ -99,7 +99,11 @@ class HookTrainer:
             self.sae.b_dec.copy_(torch.from_numpy(stats.mean * stats.scale))
         self.sae.to(device)
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), **fast)
+        groups = [
+            {"params": [self.sae.W_dec], "lr_scale": cfg.decoder_lr_scale},
+            {"params": [self.sae.encoder, self.sae.b_enc, self.sae.b_dec], "lr_scale": 1.0},
+        ]
+        self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.9, 0.999), **fast)
         self.autocast = autocast_dtype(cfg.dtype, device)
         self.step = 0
         self.resumed_from: int | None = None
@@ -127,7 +131,7 @@ class HookTrainer:
         cfg, sae = self.cfg, self.sae
         lr = cfg.lr * lr_factor(self.step, self.total, cfg.lr_warmup_fraction, cfg.lr_decay, cfg.lr_decay_fraction)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         if self.use_aux and self.step % DEAD_REFRESH_STEPS == 0:
             self.dead = self.since_fired >= self.dead_after
             self.n_dead = int(self.dead.sum())

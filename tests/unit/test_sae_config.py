@@ -66,8 +66,8 @@ def test_sae_fingerprint_ignores_only_output_neutral_fields():
 
     base = RunConfig()
     fp = sae_fingerprint(base, "store-a")
-    neutral = replace(base.sae, log_every=7, checkpoint_every=3, cpu_threads=2)
-    assert set(OUTPUT_NEUTRAL_FIELDS) == {"log_every", "checkpoint_every", "cpu_threads"}
+    neutral = replace(base.sae, log_every=7, checkpoint_every=3, cpu_threads=2, hooks=["residuals_0"])
+    assert set(OUTPUT_NEUTRAL_FIELDS) == {"log_every", "checkpoint_every", "cpu_threads", "hooks"}
     assert sae_fingerprint(replace(base, sae=neutral), "store-a") == fp, "a log or checkpoint setting must not retrain"
     for changed in [
         replace(base, sae=replace(base.sae, k=base.sae.k + 1)),
@@ -76,3 +76,12 @@ def test_sae_fingerprint_ignores_only_output_neutral_fields():
     ]:
         assert sae_fingerprint(changed, "store-a") != fp
     assert sae_fingerprint(base, "store-b") != fp
+
+
+def test_sae_fingerprint_carries_the_algorithm_version(monkeypatch):
+    from refusal_lab.config import RunConfig
+    from refusal_lab.sae import spec
+
+    fp = spec.sae_fingerprint(RunConfig(), "store-a")
+    monkeypatch.setattr(spec, "ALGORITHM_VERSION", spec.ALGORITHM_VERSION + 1)
+    assert spec.sae_fingerprint(RunConfig(), "store-a") != fp  # a changed trainer never reuses old SAEs

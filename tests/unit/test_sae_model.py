@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from refusal_lab.sae.config import Architecture, LrDecay, SaeConfig
 from refusal_lab.sae.data import HookStats
-from refusal_lab.sae.model import Sae
+from refusal_lab.sae.model import ENCODER_INIT_SCALE, Sae
+from refusal_lab.sae.synthetic import planted_codes
 from refusal_lab.sae.train import HookTrainer, lr_factor
 
 
@@ -109,9 +110,50 @@ def test_decoder_gradient_loses_its_parallel_component():
     assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5 * scale
 
 
-def test_encoder_starts_as_decoder_transpose():
+def test_encoder_starts_as_scaled_decoder_transpose():
     sae = Sae(8, 32, Architecture.topk, 4)
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    torch.testing.assert_close(sae.W_enc, ENCODER_INIT_SCALE * sae.W_dec.T)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))
+
+
+def planted_fvu(
+    encoder_scale: float | None, seed: int, decoder_lr_scale: float | None = None, steps: int = 30
+) -> float:
+    """Held-out FVU after `steps` TopK steps on planted-dictionary data (inputs at E|x|^2 = d)."""
+    d, batch = 32, 256
+    x, _ = planted_codes(steps * batch + 2048, d, 256, 8, np.random.default_rng(0))
+    acts = torch.from_numpy(x) * (d / float((x**2).sum(1).mean())) ** 0.5
+    train, held = acts[:-2048], acts[-2048:]
+    cfg = SaeConfig(expansion_factor=8, k=16, batch_size=batch, buffer_tokens=batch, lr=4e-3)
+    if decoder_lr_scale is not None:
+        cfg.decoder_lr_scale = decoder_lr_scale
+    stats = HookStats(1.0, float("inf"), train.mean(0).numpy(), 1.0, 0, 0)
+    tr = HookTrainer("residuals_0", d, cfg, stats, len(train), steps, torch.device("cpu"), seed)
+    if encoder_scale is not None:
+        with torch.no_grad():
+            tr.sae.encoder.copy_(tr.sae.W_dec * encoder_scale)
+    for s in range(steps):
+        tr.train_step(train[s * batch : (s + 1) * batch])
+    with torch.no_grad():
+        return float((tr.sae(held) - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_trainer_learns_faster_than_the_one_issue_8_reported(seed):
+    """Issue 8 item 9: with the encoder equal to the decoder transpose and one rate for every parameter the SAE
+    learned about half as fast per token (planted data, 30 steps: FVU 0.52; encoder at 0.3-0.5 x: 0.21-0.22)."""
+    default, before = planted_fvu(None, seed), planted_fvu(1.0, seed, decoder_lr_scale=1.0)
+    assert default < 0.6 * before
+    assert planted_fvu(None, seed) < planted_fvu(1.0, seed)  # the initialisation alone already helps
+
+
+def test_decoder_steps_at_its_own_rate():
+    tr = trainer(lr=0.01)
+    tr.train_step(torch.randn(32, 16))
+    rates = {id(p): g["lr"] for g in tr.opt.param_groups for p in g["params"]}
+    assert rates[id(tr.sae.W_dec)] == pytest.approx(tr.cfg.decoder_lr_scale * rates[id(tr.sae.encoder)])
+    assert rates[id(tr.sae.encoder)] == rates[id(tr.sae.b_enc)] == rates[id(tr.sae.b_dec)] > 0
+    assert len(rates) == len(list(tr.sae.parameters()))  # every parameter is optimised
 
 
 @pytest.mark.parametrize("architecture", list(Architecture))
