@@ -38,6 +38,11 @@ class ReportStage:
     def artifact(self, ctx: RunContext) -> Path:
         return source_dir(ctx) / REPORT_HTML
 
+    def locks(self, ctx: RunContext) -> list[Path]:
+        # No lock file beside report.html: the page is written to a temp file and renamed, so two writers
+        # cannot tear it, and the last one wins with a complete page.
+        return []
+
     def prepare(self, ctx: RunContext) -> None:
         folder = source_dir(ctx)
         if ctx.cfg.report.run_dir and not (folder / SUMMARY).is_file():

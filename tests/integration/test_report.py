@@ -365,4 +365,4 @@ def after_only_report(before: dict[str, int], after: dict[str, int]) -> bool:
     """Every file that existed is untouched; new files are only the report run's own bookkeeping."""
     unchanged = all(after.get(path) == mtime for path, mtime in before.items())
     new = {Path(p).name for p in set(after) - set(before)}
-    return unchanged and new <= {"summary.json", "report.html.lock", "refusal_lab.log"}
+    return unchanged and new <= {"summary.json", "refusal_lab.log"}
