@@ -102,8 +102,10 @@ def _squeue_alive(job: str) -> bool | None:
         )
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:  # "Invalid job id specified": it left the queue long ago
-        return False
+    if out.returncode != 0:
+        # "Invalid job id specified": it left the queue long ago. Any other error (slurmctld busy or
+        # restarting) says nothing about the job: count it as alive; upstream_timeout_s bounds the wait.
+        return "invalid job id" not in out.stderr.lower()
     return bool(out.stdout.strip())
 
 
