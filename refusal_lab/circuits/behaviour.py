@@ -12,8 +12,8 @@ Reads and writes nothing; returns JSON-ready dicts.
   harmless prompts (the ablation should not disturb ordinary answering).
 
 Conditions of one batch are generated together (the batch repeated per condition), never one
-generation per set. The same machinery runs the difference-in-means direction's ablation
-(refusal_lab.circuits.direction) through an `Interventions` context factory.
+generation per set. The difference-in-means direction's ablation (refusal_lab.circuits.direction)
+runs as one more stacked condition, through `projection_interventions` combined with the splice.
 
 Shape letters: R conditions, B batch, T positions, V vocabulary, M new tokens.
 """
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,8 +34,10 @@ from refusal_lab.circuits.ablation import CLEAN, Condition, Mode, repeat_batch, 
 from refusal_lab.circuits.baseline import Baseline, BoundBaseline
 from refusal_lab.circuits.batches import PromptBatch, pad_id_of
 from refusal_lab.circuits.spliced import forward_batch, spliced
-from refusal_lab.circuits.validate import chunks, rank_against
+from refusal_lab.circuits.validate import MetricFn, chunks, rank_against
 from refusal_lab.generation import generate_greedy
+from refusal_lab.hooks import HookFn, hooks_registered
+from refusal_lab.layers import HookPoint
 from refusal_lab.sae.model import Sae
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,16 @@ def generation_eos_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> 
     return sorted(ids)
 
 
+@dataclass
+class Generated:
+    """Responses of every condition, and optionally the metric from the prefill's last-position logits."""
+
+    responses: list[list[str]]
+    """[R][n_prompts], prompts in the builder's order (PromptBatch.index)."""
+    metric: np.ndarray | None = None
+    """[R, n_prompts] metric_fn on the first-token logits (only for metrics that read the last prompt position)."""
+
+
 def generate_under(
     model: PreTrainedModel,
     batches: Sequence[PromptBatch],
@@ -77,12 +90,19 @@ def generate_under(
     max_new_tokens: int = 8,
     max_rows: int = 256,
     eos_ids: Sequence[int] | None = None,
-) -> list[list[str]]:
-    """Responses [R][n_prompts] (prompts in the builder's order), greedy, decoded as collect decodes them."""
+    metric_fn: MetricFn | None = None,
+) -> Generated:
+    """Greedy responses per condition, decoded as collect decodes them.
+
+    With `metric_fn`, the metric is computed from the prefill's logits at the last prompt position
+    (passed as [B, 1, V]): exact for a metric that reads only that position (first_token_score or
+    logit_diff on prompt-only batches), so an ablation's metric comes with its generation for free.
+    """
     eos = list(eos_ids) if eos_ids is not None else generation_eos_ids(model, tokenizer)
     pad = pad_id_of(tokenizer)
     n_prompts = sum(b.size for b in batches)
     out = [[""] * n_prompts for _ in range(n_conditions)]
+    metric = np.full((n_conditions, n_prompts), np.nan) if metric_fn is not None else None
     for batch in batches:
         for rng in chunks(n_conditions, batch.size, max_rows):
             stacked = repeat_batch(batch, len(rng))
@@ -93,7 +113,10 @@ def generate_under(
                 r, b = rng[row // batch.size], row % batch.size
                 text = tokenizer.decode(tokens[row, : n_valid[row]].tolist(), skip_special_tokens=True)
                 out[r][batch.index[b]] = str(text)
-    return out
+            if metric is not None and metric_fn is not None:
+                values = metric_fn(gen.first_logits_BV[:, None, :], stacked).double().cpu().numpy()
+                metric[rng.start : rng.stop, batch.index] = values.reshape(len(rng), batch.size)
+    return Generated(out, metric)
 
 
 @torch.no_grad()
@@ -129,6 +152,44 @@ def _f(x: float) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
 
+def projection_interventions(
+    model: nn.Module, directions: Mapping[str, torch.Tensor], project: Sequence[bool]
+) -> Interventions:
+    """Condition r projects every hook's direction r_h out of its activation (x - r^ r^T x) when project[r]."""
+    units = {h: d / d.norm().clamp_min(1e-12) for h, d in directions.items()}
+
+    def context(batch: PromptBatch, rng: range) -> AbstractContextManager:
+        on = torch.tensor([project[i] for i in rng])
+        if not bool(on.any()):
+            return nullcontext()
+        fns: dict[HookPoint, HookFn] = {}
+        for hook, unit in units.items():
+
+            def fn(x_BTD: torch.Tensor, unit: torch.Tensor = unit) -> torch.Tensor:
+                r = on.numel()
+                u = unit.to(x_BTD.device, x_BTD.dtype)
+                x = x_BTD.view(r, x_BTD.shape[0] // r, *x_BTD.shape[1:])
+                coef = (x @ u)[..., None] * on.to(x.device, x.dtype)[:, None, None, None]
+                return (x - coef * u).view_as(x_BTD)
+
+            fns[HookPoint.from_name(hook)] = fn
+        return hooks_registered(model, fns)
+
+    return context
+
+
+def combined(*parts: Interventions) -> Interventions:
+    """All parts' hooks at once (the spliced SAE edit first, then e.g. a projection)."""
+
+    def context(batch: PromptBatch, rng: range) -> AbstractContextManager:
+        stack = ExitStack()
+        for part in parts:
+            stack.enter_context(part(batch, rng))
+        return stack
+
+    return context
+
+
 def behaviour_validation(
     model: PreTrainedModel,
     saes: Mapping[str, Sae],
@@ -147,28 +208,36 @@ def behaviour_validation(
     max_rows: int = 256,
     judge_name: str = "keyword",
     n_examples: int = 3,
+    directions: Mapping[str, torch.Tensor] | None = None,
+    metric_fn: MetricFn | None = None,
 ) -> dict:
     """Refusal-rate drops (circuit ablated, steered, random sets ablated) and KL on harmless prompts.
 
     `labels` and `is_target` follow the prompts' order in `prompt_batches` (PromptBatch.index);
     the headline drop is over the target prompts (all, by default), the by-label drops over all.
+    With `directions`, the difference-in-means directions projected out run as one more
+    condition (result under "direction"). With `metric_fn` (a metric of the last prompt position
+    only), the metric's random-set comparison comes from the same generations ("metric_random").
     """
     n_prompts = sum(b.size for b in prompt_batches)
     if len(labels) != n_prompts:
         raise ValueError(f"behaviour_validation: {len(labels)} labels for {n_prompts} prompts")
     target = np.ones(n_prompts, dtype=bool) if is_target is None else np.asarray(is_target, dtype=bool)
     circuit = dict(circuit)
-    conditions = [
-        CLEAN,
-        Condition(circuit, Mode.ablate),
-        Condition(circuit, Mode.steer, steer_alpha),
-        *[Condition(dict(s), Mode.ablate) for s in random_sets],
-    ]
-    interventions = feature_interventions(model, saes, baseline, conditions)
-    responses = generate_under(
-        model, prompt_batches, len(conditions), interventions, tokenizer, max_new_tokens, max_rows
-    )
-    refused = np.array([np.asarray(judge(r), dtype=bool) for r in responses])  # [R, n_prompts]
+    conditions = [CLEAN, Condition(circuit, Mode.ablate), Condition(circuit, Mode.steer, steer_alpha)]
+    if directions:
+        conditions.append(CLEAN)  # the direction's row: no feature edit, the projection below
+    first_random = len(conditions)
+    conditions += [Condition(dict(s), Mode.ablate) for s in random_sets]
+    project = [bool(directions) and r == 3 for r in range(len(conditions))]
+    parts = [feature_interventions(model, saes, baseline, conditions)]
+    if directions:
+        parts.append(projection_interventions(model, directions, project))
+    gen = generate_under(
+        model, prompt_batches, len(conditions), combined(*parts), tokenizer, max_new_tokens, max_rows,
+        metric_fn=metric_fn,
+    )  # fmt: skip
+    refused = np.array([np.asarray(judge(r), dtype=bool) for r in gen.responses])  # [R, n_prompts]
     rate = _rates(refused, target)
     drops = rate[0] - rate
     by_label = {}
@@ -182,15 +251,21 @@ def behaviour_validation(
             "steered": _f(lab_rate[2]),
             "drop": _f(lab_rate[0] - lab_rate[1]),
             "steered_drop": _f(lab_rate[0] - lab_rate[2]),
+            **({"direction_drop": _f(lab_rate[0] - lab_rate[3])} if directions else {}),
         }
-    kl = kl_under(model, harmless_batches, 2, feature_interventions(model, saes, baseline, conditions[1:3]), max_rows)
-    random_drops = drops[3:].tolist()
+    kl_conditions = conditions[1:first_random]
+    kl_parts = [feature_interventions(model, saes, baseline, kl_conditions)]
+    if directions:
+        kl_parts.append(projection_interventions(model, directions, project[1:first_random]))
+    kl = kl_under(model, harmless_batches, len(kl_conditions), combined(*kl_parts), max_rows)
+    random_drops = drops[first_random:].tolist()
     ranked = rank_against(float(drops[1]), random_drops)
     examples = [
-        {"unedited": responses[0][i], "ablated": responses[1][i], "steered": responses[2][i], "label": labels[i]}
+        {"unedited": gen.responses[0][i], "ablated": gen.responses[1][i], "steered": gen.responses[2][i]}
+        | {"label": labels[i]}
         for i in np.flatnonzero(target)[:n_examples].tolist()
     ]
-    return {
+    out = {
         "judge": judge_name,
         "max_new_tokens": max_new_tokens,
         "n_prompts": int(target.sum()),
@@ -211,3 +286,21 @@ def behaviour_validation(
         "kl_harmless_steered": _f(kl[1]),
         "examples": examples,
     }
+    if directions:
+        out["direction"] = {
+            "refusal_rate_after": _f(rate[3]),
+            "refusal_rate_drop": _f(drops[3]),
+            "refusal_rate_drop_by_label": {k: v["direction_drop"] for k, v in by_label.items()},
+            "kl_harmless": _f(kl[2]),
+            "norms": {h: float(d.norm()) for h, d in directions.items()},
+        }
+    if gen.metric is not None:
+        m = gen.metric[:, target].mean(axis=1) if target.any() else np.full(len(conditions), np.nan)
+        effects = (m[0] - m[first_random:]).tolist()
+        out["metric_random"] = {
+            "effect": _f(m[0] - m[1]),
+            "random_effects": effects,
+            "n_random": len(effects),
+            **rank_against(float(m[0] - m[1]), effects),
+        }
+    return out

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.circuits.batches import PromptBatch
-from refusal_lab.circuits.behaviour import Interventions, Judge, generate_under, kl_under
+from refusal_lab.circuits.behaviour import Judge, generate_under, kl_under, projection_interventions
 from refusal_lab.circuits.spliced import forward_batch
 from refusal_lab.hooks import HookFn, hooks_registered
 from refusal_lab.layers import HookPoint
@@ -111,30 +110,6 @@ def directions_from_model(
     return {h: pos[h] - neg[h] for h in hooks}
 
 
-def projection_interventions(
-    model: nn.Module, directions: Mapping[str, torch.Tensor], project: Sequence[bool]
-) -> Interventions:
-    """Conditions for behaviour's generate_under / kl_under: condition r projects every r_h out when project[r]."""
-    units = {h: (d / d.norm().clamp_min(1e-12)) for h, d in directions.items()}
-
-    def context(batch: PromptBatch, rng: range) -> AbstractContextManager:
-        on = torch.tensor([project[i] for i in rng])
-        fns: dict[HookPoint, HookFn] = {}
-        for hook, unit in units.items():
-
-            def fn(x_BTD: torch.Tensor, unit: torch.Tensor = unit) -> torch.Tensor:
-                r = on.numel()
-                u = unit.to(x_BTD.device, x_BTD.dtype)
-                x = x_BTD.view(r, x_BTD.shape[0] // r, *x_BTD.shape[1:])
-                coef = (x @ u)[..., None] * on.to(x.device, x.dtype)[:, None, None, None]
-                return (x - coef * u).view_as(x_BTD)
-
-            fns[HookPoint.from_name(hook)] = fn
-        return hooks_registered(model, fns)
-
-    return context
-
-
 def direction_ablation(
     model: PreTrainedModel,
     directions: Mapping[str, torch.Tensor],
@@ -154,7 +129,7 @@ def direction_ablation(
         raise ValueError(f"direction_ablation: {len(labels)} labels for {n_prompts} prompts")
     target = np.ones(n_prompts, dtype=bool) if is_target is None else np.asarray(is_target, dtype=bool)
     both = projection_interventions(model, directions, [False, True])
-    responses = generate_under(model, prompt_batches, 2, both, tokenizer, max_new_tokens, max_rows)
+    responses = generate_under(model, prompt_batches, 2, both, tokenizer, max_new_tokens, max_rows).responses
     refused = np.array([np.asarray(judge(r), dtype=bool) for r in responses])
     rate = refused[:, target].mean(axis=1) if target.any() else np.full(2, np.nan)
     by_label = {}

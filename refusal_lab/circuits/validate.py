@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 MetricFn = Callable[[torch.Tensor, PromptBatch], torch.Tensor]
 """(logits [B, T, V], batch) -> metric [B]; e.g. `lambda l, b: refusal_metric(l, b, spec)`."""
+KeepFn = Callable[[PromptBatch], int]
+"""batch -> logits_to_keep for its forward (0: all positions); e.g. `lambda b: logits_needed(b, spec)`."""
 Ranked = Sequence[tuple[str, int]]
 """Circuit nodes as (hook, feature), strongest first."""
 
@@ -72,14 +74,16 @@ def condition_logits(
     batches: Sequence[PromptBatch],
     conditions: Sequence[Condition],
     max_rows: int = 256,
+    logits_to_keep: KeepFn | None = None,
 ) -> Iterator[tuple[PromptBatch, range, torch.Tensor]]:
-    """(batch, condition range, logits [r * B, T, V]) for every batch and chunk of conditions, under no_grad."""
+    """(batch, condition range, logits [r * B, T or kept, V]) per batch and chunk of conditions, under no_grad."""
     for batch in batches:
         bound = BoundBaseline(baseline, batch)
+        keep = logits_to_keep(batch) if logits_to_keep is not None else 0
         for rng in chunks(len(conditions), batch.size, max_rows):
             chunk = [conditions[i] for i in rng]
             with torch.no_grad(), spliced(model, saes, edit=stacked_edit(chunk, bound, saes), record=False):
-                logits = forward_batch(model, repeat_batch(batch, len(chunk)))
+                logits = forward_batch(model, repeat_batch(batch, len(chunk)), logits_to_keep=keep)
             yield batch, rng, logits
 
 
@@ -91,11 +95,12 @@ def condition_metrics(
     conditions: Sequence[Condition],
     metric_fn: MetricFn,
     max_rows: int = 256,
+    logits_to_keep: KeepFn | None = None,
 ) -> np.ndarray:
     """Metric per condition and prompt [R, n_prompts], prompts in the builder's order (PromptBatch.index)."""
     n_prompts = sum(b.size for b in batches)
     out = np.full((len(conditions), n_prompts), np.nan)
-    for batch, rng, logits in condition_logits(model, saes, baseline, batches, conditions, max_rows):
+    for batch, rng, logits in condition_logits(model, saes, baseline, batches, conditions, max_rows, logits_to_keep):
         values = metric_fn(logits, repeat_batch(batch, len(rng))).double().cpu().numpy()
         out[rng.start : rng.stop, batch.index] = values.reshape(len(rng), batch.size)
     return out
@@ -186,11 +191,14 @@ def metric_validation(
     seed: int = 0,
     random_sets: Sequence[dict[str, torch.Tensor]] | None = None,
     max_rows: int = 256,
+    logits_to_keep: KeepFn | None = None,
 ) -> dict:
     """Faithfulness curve and scalar, completeness and the random-set comparison, all in one stacked pass.
 
-    `random_sets` (from `random_node_sets`) lets behaviour validation reuse the same sets; without
-    them `n_random` sets are drawn from the features active on `batches`.
+    The circuit is the first `size` nodes of `ranked`; the curve may run past it (sizes up to
+    len(ranked)). `random_sets` (from `random_node_sets`) lets behaviour validation reuse the same
+    sets (an empty list skips the comparison here); without them `n_random` sets are drawn from
+    the features active on `batches`.
     """
     size = min(size, len(ranked))
     circuit = nodes_of(ranked, size)
@@ -207,7 +215,7 @@ def metric_validation(
         Condition(circuit, Mode.ablate),  # M \ C
         *[Condition(s, Mode.ablate) for s in randoms],
     ]
-    per_prompt = condition_metrics(model, saes, baseline, batches, conditions, metric_fn, max_rows)
+    per_prompt = condition_metrics(model, saes, baseline, batches, conditions, metric_fn, max_rows, logits_to_keep)
     m = per_prompt.mean(axis=1)
     m_full, m_empty = float(m[0]), float(m[1])
     m_curve = dict(zip(curve_sizes, m[2 : 2 + len(curve_sizes)].tolist(), strict=True))
@@ -215,6 +223,14 @@ def metric_validation(
     random_effects = (m_full - m[3 + len(curve_sizes) :]).tolist()
     gap = m_full - m_empty
     effect = m_full - m_without
+    random = {
+        "effect": effect,
+        "random_effects": random_effects,
+        "n_random": len(randoms),
+        "per_hook_counts": {h: int(i.numel()) for h, i in circuit.items()},
+        "pool": pool_kind or "given",
+        **rank_against(effect, random_effects),
+    }
     return {
         "n_prompts": int(per_prompt.shape[1]),
         "size": size,
@@ -226,14 +242,7 @@ def metric_validation(
         "faithfulness": _ratio(m_curve[size] - m_empty, gap),
         "faithfulness_curve": {str(n): _ratio(v - m_empty, gap) for n, v in m_curve.items()},
         "completeness": _ratio(m_without - m_empty, gap),
-        "random": {
-            "effect": effect,
-            "random_effects": random_effects,
-            "n_random": len(randoms),
-            "per_hook_counts": {h: int(i.numel()) for h, i in circuit.items()},
-            "pool": pool_kind or "given",
-            **rank_against(effect, random_effects),
-        },
+        "random": random if randoms else None,
         "random_sets": [json_nodes(s) for s in randoms],
     }
 

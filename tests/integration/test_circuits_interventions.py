@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ from refusal_lab.circuits.direction import (
     directions_from_store,
     projection_interventions,
 )
+from refusal_lab.circuits.held_out import ablation_summary, validate_circuit
 from refusal_lab.circuits.metric import MetricSpec, refusal_metric
 from refusal_lab.circuits.spliced import forward_batch, spliced
 from refusal_lab.circuits.validate import metric_validation
@@ -338,15 +340,17 @@ def test_stacked_generation_equals_one_generation_per_condition(model, tiny_llam
     conditions = [CLEAN, Condition(nodes, Mode.ablate), Condition(nodes, Mode.steer, alpha=3.0)]
     stacked = generate_under(
         model, batches, 3, feature_interventions(model, saes, baseline, conditions), tokenizer, max_new_tokens=5
-    )
+    ).responses
     for r, cond in enumerate(conditions):
         alone = generate_under(
             model, batches, 1, feature_interventions(model, saes, baseline, [cond]), tokenizer, max_new_tokens=5
-        )
+        ).responses
         assert alone[0] == stacked[r]
     assert stacked[1] != stacked[0]  # ablating half of the features changes what is generated
     # Unedited (spliced) generation is the model's own greedy generation.
-    plain = generate_under(model, batches, 1, lambda b, rng: contextlib.nullcontext(), tokenizer, max_new_tokens=5)
+    plain = generate_under(
+        model, batches, 1, lambda b, rng: contextlib.nullcontext(), tokenizer, max_new_tokens=5
+    ).responses
     assert plain[0] == stacked[0]
     kl = kl_under(model, batches, 3, feature_interventions(model, saes, baseline, conditions))
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 1e-3 and kl[2] > 1e-3
@@ -360,16 +364,20 @@ def test_behaviour_validation_reports_drops_by_label_and_against_random_sets(mod
     harmless = make_batches(random_prompts(3, seed=9), N_POST, pad_id, batch_size=4)
     circuit = {"residuals_1": torch.arange(0, 128, 2)}
     randoms = [{"residuals_1": torch.arange(1, 128, 2)}] * 3
-    before = generate_under(model, prompts, 1, lambda b, rng: contextlib.nullcontext(), tokenizer, max_new_tokens=4)[0]
+    before = generate_under(
+        model, prompts, 1, lambda b, rng: contextlib.nullcontext(), tokenizer, max_new_tokens=4
+    ).responses[0]
 
     # A judge that "refuses" exactly the unedited responses: any change of response counts as a drop.
     def judge(responses):
         return [r == before[i] for i, r in enumerate(responses)]
 
     labels = ["toxic", "safe"] * 3
+    directions = {"residuals_2": 10 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2))}
     out = behaviour_validation(
         model, saes, baseline, prompts, labels, harmless, circuit, randoms, judge, tokenizer,
-        is_target=[True, False] * 3, max_new_tokens=4, steer_alpha=5.0,
+        is_target=[True, False] * 3, max_new_tokens=4, steer_alpha=5.0, directions=directions,
+        metric_fn=first_token_metric,
     )  # fmt: skip
     assert out["refusal_rate_before"] == 1.0
     assert out["refusal_rate_drop"] == pytest.approx(out["refusal_rate_before"] - out["refusal_rate_after"])
@@ -380,6 +388,47 @@ def test_behaviour_validation_reports_drops_by_label_and_against_random_sets(mod
     assert 0 <= out["percentile"] <= 100 and out["p_value"] == pytest.approx(
         (1 + sum(d >= out["refusal_rate_drop"] for d in out["random_refusal_rate_drops"])) / 4
     )
+    # The direction's row, stacked with the others, equals its ablation run on its own.
+    alone = direction_ablation(
+        model, directions, prompts, labels, harmless, judge, tokenizer, is_target=[True, False] * 3, max_new_tokens=4
+    )
+    assert out["direction"]["refusal_rate_drop"] == pytest.approx(alone["refusal_rate_drop"])
+    assert out["direction"]["refusal_rate_drop_by_label"] == pytest.approx(alone["refusal_rate_drop_by_label"])
+    assert out["direction"]["kl_harmless"] == pytest.approx(alone["kl_harmless"], rel=1e-3, abs=1e-6)
+    assert out["metric_random"]["n_random"] == 3
+
+
+def test_validate_circuit_reads_the_metric_random_sets_from_the_generations(model, tiny_llama, pad_id):
+    """With a last-position metric the random sets' metric comes from the ablation generations' first-token
+    logits; it must equal the separate stacked metric pass that runs without generation."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    saes = random_saes(model.config.hidden_size)
+    baseline = mean_baseline(model, saes, make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6))
+    prompts = make_batches(random_prompts(5, seed=14), N_POST, pad_id, batch_size=3)
+    harmless = make_batches(random_prompts(2, seed=15), N_POST, pad_id, batch_size=4)
+    ranked = [("residuals_1", i) for i in range(0, 40, 4)] + [("mlp_1", i) for i in range(0, 30, 3)]
+    common: dict[str, Any] = dict(size=12, sizes=(2, 12, 20), n_random=4, seed=7)
+    with_generation = validate_circuit(
+        model, saes, baseline, ranked, first_token_metric, prompts, labels=["toxic"] * 5, harmless_batches=harmless,
+        judge=lambda rs: [r.startswith("a") for r in rs], tokenizer=tokenizer, max_new_tokens=2,
+        logits_to_keep=lambda b: 1, **common,
+    )  # fmt: skip
+    metric_only = validate_circuit(
+        model, saes, baseline, ranked, first_token_metric, prompts, generation=False, **common
+    )
+    a, b = with_generation["metric"]["random"], metric_only["metric"]["random"]
+    assert "first-token logits" in a["source"] and "source" not in b
+    assert a["per_hook_counts"] == b["per_hook_counts"] == {"residuals_1": 10, "mlp_1": 2}
+    assert a["random_effects"] == pytest.approx(b["random_effects"], abs=1e-4)
+    assert a["effect"] == pytest.approx(b["effect"], abs=1e-4)
+    assert with_generation["metric"]["random_sets"] == metric_only["metric"]["random_sets"]
+    assert set(with_generation["faithfulness_curve"]) == {"2", "12", "20"}
+    assert with_generation["ablation"]["n_random"] == 4 and metric_only["ablation"] is None
+    summary = ablation_summary(with_generation)
+    assert summary is not None and set(summary) == {
+        "refusal_rate_drop", "refusal_rate_drop_by_label", "random_refusal_rate_drop_median", "percentile",
+        "p_value", "n_random", "kl_harmless",
+    }  # fmt: skip
 
 
 def write_store(model, path: Path, prompts: list[list[int]]) -> ActivationStore:
