@@ -78,4 +78,3 @@ def test_percentile_and_empirical_p_value():
     assert out["p_value"] == (1 + 2) / (1 + 4)  # 5.0 and 7.0 are >= the circuit's effect
     assert out["random_median"] == 3.5
     assert rank_against(10.0, [0.0] * 10)["p_value"] == 1 / 11
-
