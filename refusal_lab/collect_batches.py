@@ -25,6 +25,7 @@ from refusal_lab.hooks import ActivationRecorder, hooks_registered
 from refusal_lab.judge.continuation import continue_responses
 from refusal_lab.judge.core import refused_by_rule, rule_judge_for
 from refusal_lab.models import input_device
+from refusal_lab.progress import progress_bar
 from refusal_lab.refusal import refusal_score, refusal_token_ids
 from refusal_lab.store import Phase, SampleRecord, TokenBlock
 from refusal_lab.store_writer import BackgroundWriter, StoreWriter
@@ -241,6 +242,7 @@ def run_batches(
     i = start
     n_tokens = 0
     t0 = last_report = time.perf_counter()
+    bar = progress_bar(total=len(order), initial=start, desc="collect: prompts")
     while i < len(order):
         indices = order[i : i + batch_size]
         try:
@@ -257,6 +259,7 @@ def run_batches(
         if sink is not None:
             sink.submit(block)
         i += len(indices)
+        bar.update(len(indices))
         n_tokens += len(block.token_id)
         now = time.perf_counter()
         if now - last_report > progress_every_s or i == len(order):
@@ -268,6 +271,7 @@ def run_batches(
                 batch_size,
             )
             last_report = now
+    bar.close()
     elapsed = time.perf_counter() - t0
     return {"batch_size": float(batch_size), "seconds": elapsed, "tokens": float(n_tokens)}
 

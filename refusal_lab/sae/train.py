@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from refusal_lab.progress import progress
 from refusal_lab.sae.config import Architecture, LrDecay, SaeConfig, SaeDtype
 from refusal_lab.sae.data import HookStats, TokenPlan, WindowStream, block_tokens
 from refusal_lab.sae.model import Sae
@@ -269,7 +270,7 @@ def train_group(
     t_start = t_last = time.perf_counter()
     tokens_last = 0
     try:
-        for step, batch_HBD in batches:
+        for step, batch_HBD in progress(batches, total=total - start, desc="sae: steps"):
             if step >= total:
                 break
             x_HBD = torch.from_numpy(batch_HBD)
