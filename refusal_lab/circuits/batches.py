@@ -75,6 +75,19 @@ class PromptBatch:
         return PromptBatch(**{**vars(self), **move})
 
 
+def select_rows(batch: PromptBatch, rows: Sequence[int]) -> PromptBatch:
+    """The given rows of a batch, with columns that are padding in every kept row dropped (still left padded)."""
+    idx = torch.as_tensor(list(rows), dtype=torch.long, device=batch.input_ids.device)
+    mask = batch.attention_mask[idx]
+    real_cols = mask.any(0).nonzero()
+    start = int(real_cols[0]) if real_cols.numel() else 0
+    fields = {
+        k: v[idx][:, start:] if v.ndim == 2 else v[idx] for k, v in vars(batch).items() if isinstance(v, torch.Tensor)
+    }
+    fields["last_prompt_index"] = fields["last_prompt_index"] - start
+    return PromptBatch(**{**vars(batch), **fields, "index": [batch.index[r] for r in rows]})
+
+
 def build_batch(
     prompt_ids: Sequence[Sequence[int]],
     n_post: int,

@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_lab.circuits.ablation import CLEAN, Condition, Mode, repeat_batch, stacked_edit
 from refusal_lab.circuits.baseline import Baseline, BoundBaseline
-from refusal_lab.circuits.batches import PromptBatch, pad_id_of
+from refusal_lab.circuits.batches import PromptBatch, pad_id_of, select_rows
 from refusal_lab.circuits.spliced import forward_batch, spliced
 from refusal_lab.circuits.validate import MetricFn, chunks, rank_against
 from refusal_lab.generation import generate_greedy
@@ -91,16 +91,19 @@ def generate_under(
     max_rows: int = 256,
     eos_ids: Sequence[int] | None = None,
     metric_fn: MetricFn | None = None,
+    n_prompts: int | None = None,
 ) -> Generated:
     """Greedy responses per condition, decoded as collect decodes them.
 
     With `metric_fn`, the metric is computed from the prefill's logits at the last prompt position
     (passed as [B, 1, V]): exact for a metric that reads only that position (first_token_score or
     logit_diff on prompt-only batches), so an ablation's metric comes with its generation for free.
+    `n_prompts` sizes the output when the batches hold only some of the prompts (rows by PromptBatch.index).
     """
     eos = list(eos_ids) if eos_ids is not None else generation_eos_ids(model, tokenizer)
     pad = pad_id_of(tokenizer)
-    n_prompts = sum(b.size for b in batches)
+    if n_prompts is None:
+        n_prompts = sum(b.size for b in batches)
     out = [[""] * n_prompts for _ in range(n_conditions)]
     metric = np.full((n_conditions, n_prompts), np.nan) if metric_fn is not None else None
     for batch in batches:
@@ -230,13 +233,29 @@ def behaviour_validation(
     first_random = len(conditions)
     conditions += [Condition(dict(s), Mode.ablate) for s in random_sets]
     project = [bool(directions) and r == 3 for r in range(len(conditions))]
-    parts = [feature_interventions(model, saes, baseline, conditions)]
+    # Random sets only matter on the target prompts: when other prompts ride along (their label's
+    # effect reported beside), the random sets generate for the targets alone.
+    split_randoms = not bool(target.all()) and len(conditions) > first_random
+    n_main = first_random if split_randoms else len(conditions)
+    parts = [feature_interventions(model, saes, baseline, conditions[:n_main])]
     if directions:
-        parts.append(projection_interventions(model, directions, project))
+        parts.append(projection_interventions(model, directions, project[:n_main]))
     gen = generate_under(
-        model, prompt_batches, len(conditions), combined(*parts), tokenizer, max_new_tokens, max_rows,
-        metric_fn=metric_fn,
-    )  # fmt: skip
+        model, prompt_batches, n_main, combined(*parts), tokenizer, max_new_tokens, max_rows, metric_fn=metric_fn
+    )
+    if split_randoms:
+        target_batches = [
+            select_rows(b, rows) for b in prompt_batches if (rows := [r for r, i in enumerate(b.index) if target[i]])
+        ]
+        rand = generate_under(
+            model, target_batches, len(conditions) - n_main,
+            feature_interventions(model, saes, baseline, conditions[n_main:]), tokenizer, max_new_tokens, max_rows,
+            metric_fn=metric_fn, n_prompts=n_prompts,
+        )  # fmt: skip
+        gen.responses += rand.responses
+        if gen.metric is not None and rand.metric is not None:
+            gen.metric = np.concatenate([gen.metric, rand.metric])
+    # Random-set rows hold "" for non-target prompts when split; only their target columns are read.
     refused = np.array([np.asarray(judge(r), dtype=bool) for r in gen.responses])  # [R, n_prompts]
     rate = _rates(refused, target)
     drops = rate[0] - rate

@@ -396,6 +396,13 @@ def test_behaviour_validation_reports_drops_by_label_and_against_random_sets(mod
     assert out["direction"]["refusal_rate_drop_by_label"] == pytest.approx(alone["refusal_rate_drop_by_label"])
     assert out["direction"]["kl_harmless"] == pytest.approx(alone["kl_harmless"], rel=1e-3, abs=1e-6)
     assert out["metric_random"]["n_random"] == 3
+    # Random sets generate for the target prompts alone (sub-batches, less padding): same drops as on the full batches.
+    conds = [Condition(dict(r), Mode.ablate) for r in randoms]
+    full = generate_under(
+        model, prompts, 3, feature_interventions(model, saes, baseline, conds), tokenizer, max_new_tokens=4
+    ).responses
+    rates = [np.mean([judge(r)[i] for i in (0, 2, 4)]) for r in full]
+    assert out["random_refusal_rate_drops"] == pytest.approx([out["refusal_rate_before"] - x for x in rates])
 
 
 def test_validate_circuit_reads_the_metric_random_sets_from_the_generations(model, tiny_llama, pad_id):

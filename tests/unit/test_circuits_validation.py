@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from refusal_lab.circuits.batches import PAD_OFFSET, build_batch, make_batches
+from refusal_lab.circuits.batches import PAD_OFFSET, build_batch, make_batches, select_rows
 from refusal_lab.circuits.validate import random_node_sets, rank_against
 from refusal_lab.store import Phase
 
@@ -78,3 +78,15 @@ def test_percentile_and_empirical_p_value():
     assert out["p_value"] == (1 + 2) / (1 + 4)  # 5.0 and 7.0 are >= the circuit's effect
     assert out["random_median"] == 3.5
     assert rank_against(10.0, [0.0] * 10)["p_value"] == 1 / 11
+
+
+def test_select_rows_keeps_rows_and_drops_all_padding_columns():
+    b = build_batch([[1, 2, 3, 90, 91], [1, 90, 91], [1, 5, 90, 91]], n_post=2, pad_id=0, index=[7, 8, 9])
+    sub = select_rows(b, [1, 2])
+    assert sub.index == [8, 9]
+    assert sub.input_ids.tolist() == [[0, 1, 90, 91], [1, 5, 90, 91]]
+    assert sub.last_prompt_index.tolist() == [3, 3]
+    assert sub.phase.tolist() == b.phase[[1, 2], 1:].tolist()
+    assert sub.offset_from_end.tolist() == b.offset_from_end[[1, 2], 1:].tolist()
+    assert sub.position_ids.tolist() == b.position_ids[[1, 2], 1:].tolist()
+    assert sub.prompt_ids(0) == [1, 90, 91]
