@@ -46,6 +46,15 @@ from typing import Any
 
 import numpy as np
 
+from refusal_lab.circuits.compare_stats import (
+    CORRECTIONS,
+    benjamini_hochberg,
+    ci95,
+    feature_row,
+    score_pairs,
+    specificity,
+    top_k_mask,
+)
 from refusal_lab.progress import progress
 
 log = logging.getLogger(__name__)
@@ -77,88 +86,6 @@ VERDICT_RULE = (
     f"|mean effect| >= {SPECIFIC_RATIO:g} x every other category's, and significant in a permutation test of "
     f"|m_c| - max_other |m_c'| (BH over all tested features, q < {ALPHA})."
 )
-
-
-# --- multiple comparisons -----------------------------------------------------------------
-
-
-def holm(p: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (family-wise error control)."""
-    p = np.asarray(p, dtype=np.float64)
-    order = np.argsort(p)
-    m = len(p)
-    adjusted = np.maximum.accumulate((m - np.arange(m)) * p[order]) if m else p
-    out = np.empty(m)
-    out[order] = np.minimum(adjusted, 1.0)
-    return out
-
-
-def benjamini_hochberg(p: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values; false-discovery-rate control)."""
-    p = np.asarray(p, dtype=np.float64)
-    m = len(p)
-    if not m:
-        return p
-    order = np.argsort(p)
-    ranked = p[order] * m / np.arange(1, m + 1)
-    adjusted = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(adjusted, 1.0)
-    return out
-
-
-CORRECTIONS = {"holm": holm, "bh": benjamini_hochberg}
-
-
-# --- scoring ------------------------------------------------------------------------------
-
-
-def _top_k_mask(abs_XCP: np.ndarray, k: int) -> np.ndarray:
-    idx = np.argpartition(-abs_XCP, k - 1, axis=-1)[..., :k]
-    mask = np.zeros(abs_XCP.shape, dtype=bool)
-    np.put_along_axis(mask, idx, True, axis=-1)
-    return mask
-
-
-def _score(means_XCP: np.ndarray, k: int, edges: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Similarity matrices [X, C, C] of the top-k circuits of each replicate's category means."""
-    abs_XCP = np.abs(means_XCP)
-    mask = _top_k_mask(abs_XCP, k)
-    m = mask.astype(np.float64)
-    inter = np.einsum("xcp,xdp->xcd", m, m)
-    node = inter / (2 * k - inter)
-    w = abs_XCP / np.maximum(abs_XCP.sum(-1, keepdims=True), 1e-30)
-    # sum min(a, b) = (sum a + sum b - |a - b|_1) / 2 and sum max = (... + |a - b|_1) / 2: one pass per pair.
-    ia, ib = np.triu_indices(w.shape[1], 1)
-    l1 = np.abs(w[:, ia] - w[:, ib]).sum(-1)
-    total = w.sum(-1)[:, ia] + w.sum(-1)[:, ib]
-    weighted = np.ones(node.shape)
-    weighted[:, ia, ib] = weighted[:, ib, ia] = (total - l1) / np.maximum(total + l1, 1e-30)
-    out = {"node_jaccard": node, "weighted_jaccard": weighted}
-    if edges is not None and len(edges):
-        e = (mask[..., edges[:, 0]] & mask[..., edges[:, 1]]).astype(np.float64)  # [X, C, E]
-        e_inter = np.einsum("xce,xde->xcd", e, e)
-        size = e.sum(-1)
-        union = size[:, :, None] + size[:, None, :] - e_inter
-        out["edge_jaccard"] = np.where(union > 0, e_inter / np.maximum(union, 1), np.nan)
-    return out
-
-
-def _specificity(means_XCP: np.ndarray) -> np.ndarray:
-    """|m_c| - max over the other categories of |m_c'|, per replicate, category and feature."""
-    a = np.abs(means_XCP)
-    top2 = -np.partition(-a, 1, axis=1)[:, :2]  # largest and second largest over categories
-    other_max = np.where(a >= top2[:, :1], top2[:, 1:2], top2[:, :1])
-    return a - other_max
-
-
-def _ci(values_X: np.ndarray) -> list[float]:
-    v = values_X[np.isfinite(values_X)]
-    return [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))] if len(v) else [math.nan, math.nan]
-
-
-def _feature(hook: str, feature: Any, effect: Any) -> dict[str, Any]:
-    return {"hook": hook, "feature": int(feature), "effect": float(effect)}
 
 
 # --- categories within a set ----------------------------------------------------------------
@@ -224,8 +151,8 @@ def compare_categories(
         return np.stack([np.add.reduceat(effects_NP[r], starts, axis=0) for r in rows_XN]) / sizes[None, :, None]
 
     observed_means = group_means(np.arange(n)[None])[0]  # [C, P]
-    observed = {name: v[0] for name, v in _score(observed_means[None], k, edge_idx).items()}
-    spec_obs = _specificity(observed_means[None])[0]
+    observed = {name: v[0] for name, v in score_pairs(observed_means[None], k, edge_idx).items()}
+    spec_obs = specificity(observed_means[None])[0]
 
     # Permutations: shuffled labels, same group sizes, scored from the same per-prompt effects.
     rng = np.random.default_rng(seed)
@@ -237,10 +164,10 @@ def compare_categories(
         x = min(CHUNK, n_permutations - start)
         # A random permutation of the prompts over the grouped layout = labels shuffled, group sizes kept.
         means = group_means(np.stack([rng.permutation(n) for _ in range(x)]))
-        for name, v in _score(means, k, edge_idx).items():
+        for name, v in score_pairs(means, k, edge_idx).items():
             below[name] += (v <= observed[name] + 1e-12).sum(0)
             null_vals[name].append(v)
-        spec_exceed += (_specificity(means) >= spec_obs - 1e-12).sum(0)
+        spec_exceed += (specificity(means) >= spec_obs - 1e-12).sum(0)
     per_perm = (time.perf_counter() - t_perm) / max(n_permutations, 1)
     p_raw = {name: (1 + b) / (1 + n_permutations) for name, b in below.items()}
     null = {name: np.concatenate(v) for name, v in null_vals.items()} if n_permutations else {}
@@ -251,14 +178,14 @@ def compare_categories(
     for start in range(0, n_bootstrap, CHUNK):
         x = min(CHUNK, n_bootstrap - start)
         draws = np.concatenate([idx[rng.integers(0, len(idx), size=(x, len(idx)))] for idx in members], axis=1)
-        for name, v in _score(group_means(draws), k, edge_idx).items():
+        for name, v in score_pairs(group_means(draws), k, edge_idx).items():
             boot[name].append(v)
     boot_all = {name: np.concatenate(v) if v else np.empty((0, n_cat, n_cat)) for name, v in boot.items()}
 
     pairs = list(itertools.combinations(range(n_cat), 2))
     adjust = CORRECTIONS[correction]
     p_adj = {name: adjust([p_raw[name][a, b] for a, b in pairs]) for name in observed}
-    masks = _top_k_mask(np.abs(observed_means)[None], k)[0]
+    masks = top_k_mask(np.abs(observed_means)[None], k)[0]
     pair_rows, verdicts = [], []
     for i, (a, b) in enumerate(pairs):
         stats = {}
@@ -266,7 +193,7 @@ def compare_categories(
             nv = null[name][:, a, b] if n_permutations else np.array([math.nan])
             stats[name] = {
                 "value": float(observed[name][a, b]),
-                "ci95": _ci(boot_all[name][:, a, b]),
+                "ci95": ci95(boot_all[name][:, a, b]),
                 "null_median": float(np.nanmedian(nv)) if np.isfinite(nv).any() else math.nan,
                 "p": float(p_raw[name][a, b]),
                 "p_adj": float(p_adj[name][i]),
@@ -287,9 +214,9 @@ def compare_categories(
                 "b": kept[b],
                 **stats,
                 "verdict": verdict,
-                "shared_features": [_feature(hooks[j], feats[j], observed_means[a, j]) for j in both],
-                "only_a": [_feature(hooks[j], feats[j], observed_means[a, j]) for j in only_a],
-                "only_b": [_feature(hooks[j], feats[j], observed_means[b, j]) for j in only_b],
+                "shared_features": [feature_row(hooks[j], feats[j], observed_means[a, j]) for j in both],
+                "only_a": [feature_row(hooks[j], feats[j], observed_means[a, j]) for j in only_a],
+                "only_b": [feature_row(hooks[j], feats[j], observed_means[b, j]) for j in only_b],
             }
         )
     overall = (
@@ -303,7 +230,7 @@ def compare_categories(
     # Shared features: in most categories' circuits. Specific: a permutation test per (category, feature).
     share = masks.mean(0)
     shared = [
-        {**_feature(hooks[j], feats[j], observed_means[:, j].mean()), "share_of_categories": float(share[j])}
+        {**feature_row(hooks[j], feats[j], observed_means[:, j].mean()), "share_of_categories": float(share[j])}
         for j in np.flatnonzero(share >= SHARED_SHARE)
     ]
     tested = np.argwhere(masks)
@@ -312,7 +239,7 @@ def compare_categories(
     specific: dict[str, list[dict[str, Any]]] = {c: [] for c in kept}
     for (c, j), p, q in zip(tested, spec_p, spec_q, strict=True):
         if q < ALPHA and spec_obs[c, j] >= (1 - 1 / SPECIFIC_RATIO) * abs(observed_means[c, j]):
-            specific[kept[c]].append({**_feature(hooks[j], feats[j], observed_means[c, j]), "p": p, "q": float(q)})
+            specific[kept[c]].append({**feature_row(hooks[j], feats[j], observed_means[c, j]), "p": p, "q": float(q)})
     for c in specific:
         specific[c].sort(key=lambda f: -abs(f["effect"]))
 
@@ -332,7 +259,7 @@ def compare_categories(
             c: {
                 "n_prompts": int(sizes[i]),
                 "circuit": [
-                    _feature(hooks[j], feats[j], observed_means[i, j])
+                    feature_row(hooks[j], feats[j], observed_means[i, j])
                     for j in sorted(np.flatnonzero(masks[i]), key=lambda j: -abs(observed_means[i, j]))
                 ],
             }
@@ -390,7 +317,7 @@ def compare_sets(
 
     def score(means: dict[str, np.ndarray], a: str, b: str) -> dict[str, float]:
         stacked = np.stack([means[a], means[b]])[None]
-        s = _score(stacked, min(k, len(keys)), None)
+        s = score_pairs(stacked, min(k, len(keys)), None)
         return {name: float(v[0, 0, 1]) for name, v in s.items()}
 
     means = {name: e.mean(0) for name, e in aligned.items()}
@@ -405,7 +332,7 @@ def compare_sets(
                 }
                 for name, v in score(draw, a, b).items():
                     boots[name].append(v)
-        stats = {name: {"value": obs[name], "ci95": _ci(np.asarray(boots[name]))} for name in obs}
+        stats = {name: {"value": obs[name], "ci95": ci95(np.asarray(boots[name]))} for name in obs}
         lo, hi = stats["weighted_jaccard"]["ci95"]
         if math.isnan(lo):
             lo = hi = obs["weighted_jaccard"]
@@ -418,9 +345,9 @@ def compare_sets(
                 "b": b,
                 **stats,
                 "verdict": verdict,
-                "shared_features": [_feature(keys[j][0], keys[j][1], means[a][j]) for j in sorted(ma & mb)],
-                "only_a": [_feature(keys[j][0], keys[j][1], means[a][j]) for j in sorted(ma - mb)],
-                "only_b": [_feature(keys[j][0], keys[j][1], means[b][j]) for j in sorted(mb - ma)],
+                "shared_features": [feature_row(keys[j][0], keys[j][1], means[a][j]) for j in sorted(ma & mb)],
+                "only_a": [feature_row(keys[j][0], keys[j][1], means[a][j]) for j in sorted(ma - mb)],
+                "only_b": [feature_row(keys[j][0], keys[j][1], means[b][j]) for j in sorted(mb - ma)],
             }
         )
     return {

@@ -13,13 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refusal_lab.circuits.compare import (
-    benjamini_hochberg,
-    compare_categories,
-    compare_committed_sets,
-    compare_sets,
-    holm,
-)
+from refusal_lab.circuits.compare import compare_categories, compare_committed_sets, compare_sets
+from refusal_lab.circuits.compare_stats import benjamini_hochberg, holm
 
 N_POOL = 60
 CATS = ("fraud", "privacy", "violence")
