@@ -1,0 +1,51 @@
+"""Shared helpers of the circuits integration tests: untrained SAEs built in the test, random prompts, a metric.
+
+Fixtures stay in each test module (importing them would shadow their use as arguments for ruff)."""
+
+from __future__ import annotations
+
+import torch
+
+from refusal_lab.circuits.config import MetricKind
+from refusal_lab.circuits.metric import MetricSpec, refusal_metric
+from refusal_lab.sae.config import Architecture
+from refusal_lab.sae.model import Sae
+
+HOOKS = ["residuals_1", "mlp_1", "attention_2"]
+N_POST = 4
+
+
+def random_saes(d_model: int, d_sae: int = 128, k: int = 8, seed: int = 0) -> dict[str, Sae]:
+    """Untrained SAEs: their reconstructions are far from the activations (a bad SAE)."""
+    gen = torch.Generator().manual_seed(seed)
+    saes = {}
+    for hook in HOOKS:
+        sae = Sae(d_model, d_sae, Architecture.topk, k=k)
+        sae.reset_parameters(gen)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1, generator=gen)
+        saes[hook] = sae.requires_grad_(False)
+    return saes
+
+
+def random_prompts(n: int, seed: int, lo: int = 6, hi: int = 14) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=gen))
+        out.append([1] + torch.randint(3, 32000, (length - 1,), generator=gen).tolist())
+    return out
+
+
+def capture_layer_input(model, layer: int, out: dict):
+    """A pre-hook registered after the splice's, so it sees the spliced (edited) residual."""
+
+    def hook(_module, args, kwargs):
+        out["x"] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
+    return model.model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def first_token_metric(logits, batch):
+    spec = MetricSpec(MetricKind.first_token_score, (306, 1724))
+    return refusal_metric(logits, batch, spec)
