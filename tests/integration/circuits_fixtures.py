@@ -1,11 +1,16 @@
 """Shared helpers of the circuits integration tests: untrained SAEs built in the test, random prompts, a metric.
 
-Fixtures stay in each test module (importing them would shadow their use as arguments for ruff)."""
+Fixtures stay in each test module, one line each over the loaders here (importing fixtures would shadow
+their use as arguments for ruff)."""
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from refusal_lab.circuits.batches import PromptBatch, make_batches
 from refusal_lab.circuits.config import MetricKind
 from refusal_lab.circuits.metric import MetricSpec, refusal_metric
 from refusal_lab.sae.config import Architecture
@@ -13,6 +18,20 @@ from refusal_lab.sae.model import Sae
 
 HOOKS = ["residuals_1", "mlp_1", "attention_2"]
 N_POST = 4
+
+
+def load_tiny(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def tiny_pad_id(path: Path) -> int:
+    return int(AutoTokenizer.from_pretrained(path).eos_token_id)
+
+
+def small_batch(pad_id: int) -> PromptBatch:
+    return make_batches(random_prompts(5, seed=1), N_POST, pad_id, batch_size=8)[0]
 
 
 def random_saes(d_model: int, d_sae: int = 128, k: int = 8, seed: int = 0) -> dict[str, Sae]:

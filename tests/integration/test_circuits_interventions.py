@@ -6,31 +6,37 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_lab.circuits.ablation import Condition, Mode, ablate, ablate_complement, repeat_batch, stacked_edit, steer
 from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline, zero_baseline
 from refusal_lab.circuits.batches import PromptBatch, make_batches
 from refusal_lab.circuits.spliced import forward_batch, spliced
 from refusal_lab.store import Phase
-from tests.integration.circuits_fixtures import HOOKS, N_POST, capture_layer_input, random_prompts, random_saes
+from tests.integration.circuits_fixtures import (
+    HOOKS,
+    N_POST,
+    capture_layer_input,
+    load_tiny,
+    random_prompts,
+    random_saes,
+    small_batch,
+    tiny_pad_id,
+)
 
 
 @pytest.fixture(scope="module")
 def model(tiny_llama: Path):
-    m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    m.eval()
-    return m
+    return load_tiny(tiny_llama)
 
 
 @pytest.fixture(scope="module")
 def pad_id(tiny_llama: Path) -> int:
-    return int(AutoTokenizer.from_pretrained(tiny_llama).eos_token_id)
+    return tiny_pad_id(tiny_llama)
 
 
 @pytest.fixture(scope="module")
 def batch(pad_id: int) -> PromptBatch:
-    return make_batches(random_prompts(5, seed=1), N_POST, pad_id, batch_size=8)[0]
+    return small_batch(pad_id)
 
 
 def test_splice_without_edit_reproduces_the_model(model, batch):

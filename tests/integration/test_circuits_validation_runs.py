@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from refusal_lab.circuits.ablation import CLEAN, Condition, Mode, ablate, ablate_complement, repeat_batch
 from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline
@@ -32,26 +32,27 @@ from tests.integration.circuits_fixtures import (
     N_POST,
     capture_layer_input,
     first_token_metric,
+    load_tiny,
     random_prompts,
     random_saes,
+    small_batch,
+    tiny_pad_id,
 )
 
 
 @pytest.fixture(scope="module")
 def model(tiny_llama: Path):
-    m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    m.eval()
-    return m
+    return load_tiny(tiny_llama)
 
 
 @pytest.fixture(scope="module")
 def pad_id(tiny_llama: Path) -> int:
-    return int(AutoTokenizer.from_pretrained(tiny_llama).eos_token_id)
+    return tiny_pad_id(tiny_llama)
 
 
 @pytest.fixture(scope="module")
 def batch(pad_id: int) -> PromptBatch:
-    return make_batches(random_prompts(5, seed=1), N_POST, pad_id, batch_size=8)[0]
+    return small_batch(pad_id)
 
 
 def test_metric_validation_faithfulness_completeness_and_random_sets(model, pad_id):
