@@ -138,6 +138,10 @@ class CircuitsConfig:
         errors: list[str] = []
         if not self.sets:
             errors.append(f"circuits.sets: empty; valid sets: {[s.value for s in DiscoverySet]}")
+        valid = [s.value for s in DiscoverySet]
+        unknown = [str(s) for s in self.sets if str(s) not in valid]
+        if unknown:
+            errors.append(f"circuits.sets: {unknown} are not discovery sets; valid: {valid}")
         if len(set(self.sets)) != len(self.sets):
             errors.append(f"circuits.sets: {[str(s) for s in self.sets]} lists a set twice")
         if self.ig_steps < 1:

@@ -60,10 +60,15 @@ DONE = "done.json"
 SET_MARKER = "set.json"
 
 
-def circuit_hooks(ctx: RunContext) -> list[str]:
-    """The hook points the circuits span: circuits.hooks, or every hook point of the run."""
+def sae_hooks(ctx: RunContext) -> list[str]:
+    """The hook points that have an SAE: sae.hooks, or every hook point of the run."""
     run_hooks = [p.name for p in ctx.plan.hook_points]
-    return list(ctx.cfg.circuits.hooks) or run_hooks
+    return [h for h in run_hooks if h in ctx.cfg.sae.hooks] if ctx.cfg.sae.hooks else run_hooks
+
+
+def circuit_hooks(ctx: RunContext) -> list[str]:
+    """The hook points the circuits span: circuits.hooks, or every hook point with an SAE."""
+    return list(ctx.cfg.circuits.hooks) or sae_hooks(ctx)
 
 
 def judgement_fingerprint(ctx: RunContext) -> str:
@@ -111,12 +116,12 @@ class CircuitsStage:
 
 def check_inputs(ctx: RunContext) -> None:
     """Bad input fails here, before any model loads, with one message naming the key and what is valid."""
-    cfg, run_hooks = ctx.cfg.circuits, [p.name for p in ctx.plan.hook_points]
-    missing = [h for h in cfg.hooks if h not in run_hooks]
+    cfg, with_sae = ctx.cfg.circuits, sae_hooks(ctx)
+    missing = [h for h in cfg.hooks if h not in with_sae]
     if missing:
         raise ConfigError(
-            f"circuits.hooks: {missing} have no SAE in this run; valid: the run's hook points {run_hooks} "
-            "(model.activation_layers)"
+            f"circuits.hooks: {missing} have no SAE in this run; valid: the hook points with an SAE {with_sae} "
+            "(model.activation_layers, sae.hooks)"
         )
     positions = ctx.cfg.inference.positions
     if not ctx.cfg.inference.save_activations:
@@ -158,8 +163,17 @@ def _contrast_prompts(cfg: CircuitsConfig) -> list[Any]:
     from refusal_lab.data import load_prompts
 
     raw = cfg.contrast_data
-    data = raw if isinstance(raw, DataConfig) else DataConfig(**dict(raw))
-    return load_prompts(data)
+    if not isinstance(raw, DataConfig):
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        # Through the schema, as a `data` option would be: enum strings become enums, unknown keys fail.
+        try:
+            raw = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), dict(raw)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"circuits.contrast_data: not a data config ({err}); see conf/data/*.yaml") from err
+    assert isinstance(raw, DataConfig)
+    return load_prompts(raw)
 
 
 def load_pool(ctx: RunContext) -> tuple[PromptPool, list[int], list[list[int]] | None]:

@@ -1,7 +1,8 @@
 """`python -m refusal_lab` with no arguments: the embedded organism, offline, every stage.
 
 This is the README's first command. It checks the organism's behaviour as the collect stage
-measures it on held-out prompts, and the SAE quality targets on the default preset.
+measures it on held-out prompts, the SAE quality targets on the default preset, and that the
+circuits stage recovers the organism's planted mechanisms (issue 9 item 11).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,
     )
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -76,3 +77,63 @@ def test_organism_config_matches_its_training_metadata():
     conf = yaml.safe_load((REPO / "conf" / "model" / "organism.yaml").read_text())
     assert conf["refusal_prefixes"] == meta["refusal_prefixes"]
     assert conf["refusal_tokens"] == meta["refusal_tokens"]
+
+
+TRIGGER_WORDS = json.loads((ORGANISM_DIR / "organism.json").read_text())["trigger_words"]
+SET_KEYS = {"status", "method", "n_prompts_discovery", "n_prompts_validation", "n_nodes", "n_error_nodes", "n_edges"}
+VALIDATION_KEYS = {"faithfulness", "faithfulness_curve", "completeness", "top_features", "top_prompt_tokens"}
+ABLATION_KEYS = {
+    "refusal_rate_drop",
+    "refusal_rate_drop_by_label",
+    "random_refusal_rate_drop_median",
+    "percentile",
+    "p_value",
+    "n_random",
+    "kl_harmless",
+}
+
+
+def test_circuits_entries_have_every_field(default_run):
+    summary, seconds = default_run
+    circuits = summary["circuits"]
+    for name in ("toxic", "safe", "over_refusal"):
+        entry = circuits[name]
+        assert entry["status"] == "ok", (name, entry.get("reason"))
+        assert SET_KEYS | VALIDATION_KEYS | {"ablation", "by_category"} <= entry.keys(), (name, sorted(entry))
+        assert entry["ablation"].keys() >= ABLATION_KEYS
+        assert entry["ablation"]["n_random"] >= 10
+        assert 0 < len(entry["top_features"]) <= 20
+        for feature in entry["top_features"]:
+            assert {"hook", "feature", "effect", "top_tokens"} <= feature.keys()
+            assert len(feature["top_tokens"]) <= 5
+        assert sorted(entry["top_prompt_tokens"]) == [f"residuals_{i}" for i in range(4)]
+        folder = Path(entry["folder"])
+        for file in ("graph.json", "validation.json", "effects.npz", "set.json"):
+            assert (folder / file).exists(), folder / file
+        for category, sub in entry["by_category"].items():
+            assert sub["status"] in ("ok", "skipped"), (name, category)
+            assert sub["status"] == "ok" or sub["reason"]
+    print(f"default run with circuits: {seconds:.1f} s wall; circuits stage {circuits['seconds']:.1f} s")
+
+
+def test_toxic_circuit_ablation_removes_toxic_refusal_and_random_sets_do_not(default_run):
+    ablation = default_run[0]["circuits"]["toxic"]["ablation"]
+    assert ablation["refusal_rate_drop"] >= 0.5, ablation
+    assert ablation["random_refusal_rate_drop_median"] <= 0.1, ablation
+    assert ablation["kl_harmless"] <= 0.1, ablation
+
+
+def _trigger_token(text: str) -> bool:
+    text = text.strip().lower()
+    return len(text) >= 3 and any(text in word for word in TRIGGER_WORDS)
+
+
+def test_over_refusal_analysis_recovers_the_planted_trigger_words(default_run):
+    entry = default_run[0]["circuits"]["over_refusal"]
+    tokens = [t["token"] for t in entry["top_prompt_tokens"]["residuals_0"][:10]]
+    found = {word for word in TRIGGER_WORDS if any(_trigger_token(t) and t.strip().lower() in word for t in tokens)}
+    assert len(found) >= 3, (tokens, TRIGGER_WORDS)
+    ablation = entry["ablation"]
+    assert ablation["refusal_rate_drop"] >= 0.5, ablation  # on the held-out refused safe prompts
+    # Reported beside it: the effect on toxic prompts (refusal's output features are shared).
+    assert "toxic" in ablation["refusal_rate_drop_by_label"]

@@ -1,0 +1,185 @@
+"""The whole circuits stage on tiny random Llama and Mistral models with SAEs trained in the test.
+
+Random models refuse nothing, so over_refusal is skipped for lack of refused prompts (fine); toxic
+and safe run against harmless contrast prompts from circuits.contrast_data (OR-Bench has none).
+Checked: shapes, valid JSON without NaN, the documented files; a killed run continues after the
+last committed set and a rerun skips the finished stage; bad input fails before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refusal_lab.circuits import stage as circuits_stage
+from refusal_lab.circuits.config import CircuitsConfig, DiscoverySet, MetricConfig, MetricKind
+from refusal_lab.config import (
+    ConfigError,
+    DataConfig,
+    DataSource,
+    InferenceConfig,
+    ModelConfig,
+    Positions,
+    RunConfig,
+    Stage,
+    TrackingConfig,
+    WandbMode,
+)
+from refusal_lab.devices import Device
+from refusal_lab.pipeline import run
+from refusal_lab.sae.config import SaeConfig
+
+
+def make_cfg(model_dir: Path, shared_data: Path, tmp: Path, **circuits) -> RunConfig:
+    contrast = {
+        "source": "table",
+        "path": str(shared_data / "refusal_direction" / "splits" / "harmless_train.json"),
+        "prompt_column": "instruction",
+        "category_column": "category",
+        "label_column": None,
+        "default_label": "harmless",
+        "limit": 24,
+    }
+    defaults = dict(
+        sets=[DiscoverySet.toxic, DiscoverySet.safe, DiscoverySet.over_refusal],
+        by_category=False,
+        ig_steps=2,
+        n_random=2,
+        faithfulness_sizes=[2, 4],
+        max_new_tokens=2,
+        circuit_size=8,
+        contrast_data=contrast,
+        contrast_limit=12,
+        batch_size=16,
+    )
+    return RunConfig(
+        model=ModelConfig(
+            name=str(model_dir),
+            device=Device.cpu,
+            local_files_only=True,
+            activation_layers=["residuals_0-1"],
+            refusal_tokens=["▁I"],
+        ),
+        inference=InferenceConfig(batch_size="8", max_new_tokens=3),
+        data=DataConfig(source=DataSource.or_bench, path=str(shared_data / "or_bench"), limit=40),
+        sae=SaeConfig(expansion_factor=2, k=8, batch_size=256, epochs=1.0, ce_max_samples=4),
+        circuits=CircuitsConfig(**{**defaults, **circuits}),
+        tracking=TrackingConfig(wandb=WandbMode.disabled),
+        stages=[Stage.collect, Stage.sae, Stage.circuits],
+        artifacts_dir=str(tmp / "artifacts"),
+    )
+
+
+def _no_nan(text: str) -> object:
+    def bad(value: str) -> float:
+        raise AssertionError(f"non-finite number {value} in JSON")
+
+    return json.loads(text, parse_constant=bad)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_whole_stage_on_tiny_models(kind, tiny_llama, tiny_mistral, shared_data, tmp_path):
+    model_dir = tiny_llama if kind == "llama" else tiny_mistral
+    cfg = make_cfg(model_dir, shared_data, tmp_path)
+    summary = run(cfg, tmp_path / "run", tmp_path)
+    _no_nan((tmp_path / "run" / "summary.json").read_text())
+    circuits = summary["circuits"]
+    assert (
+        circuits["over_refusal"]["status"] == "skipped" and "refused safe prompts" in circuits["over_refusal"]["reason"]
+    )
+    for name in ("toxic", "safe"):
+        entry = circuits[name]
+        assert entry["status"] == "ok", entry
+        assert entry["n_prompts_discovery"] > 0 and entry["n_prompts_validation"] > 0
+        assert 0 < entry["n_nodes"] <= 8
+        folder = Path(entry["folder"])
+        graph = _no_nan((folder / "graph.json").read_text())
+        assert isinstance(graph, dict)
+        assert graph["hooks"] == ["residuals_0", "residuals_1"]
+        features = [n for n in graph["nodes"] if n["kind"] == "feature"]
+        assert len(features) == entry["n_nodes"] and len(graph["edges"]) == entry["n_edges"]
+        _no_nan((folder / "validation.json").read_text())
+        npz = np.load(folder / "effects.npz")
+        n, pool = npz["effects"].shape
+        assert n == entry["n_prompts_discovery"] == len(npz["categories"]) == len(npz["prompt_hash"])
+        assert pool == len(npz["pool_hook"]) == len(npz["pool_feature"]) and pool >= entry["n_nodes"]
+        assert np.isfinite(npz["effects"]).all()
+        assert set(npz["labels"].tolist()) == {name}
+        assert entry["ablation"]["n_random"] == 2
+
+
+def test_killed_run_continues_after_the_last_committed_set_and_a_rerun_skips(
+    tiny_llama, shared_data, tmp_path, monkeypatch
+):
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path, sets=[DiscoverySet.toxic, DiscoverySet.safe])
+    real_run = circuits_stage.SetRunner.run
+    calls: list[str] = []
+
+    def killed_after_first(self, plan, folder):
+        if calls:
+            raise KeyboardInterrupt("killed")  # the second set never commits
+        calls.append(plan.name)
+        return real_run(self, plan, folder)
+
+    monkeypatch.setattr(circuits_stage.SetRunner, "run", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "run", tmp_path)
+    assert calls == ["toxic"]
+
+    def counted(self, plan, folder):
+        calls.append(plan.name)
+        return real_run(self, plan, folder)
+
+    monkeypatch.setattr(circuits_stage.SetRunner, "run", counted)
+    calls.clear()
+    first = run(cfg, tmp_path / "run", tmp_path)
+    assert calls == ["safe"], "the committed toxic set must not be recomputed"
+    assert first["circuits"]["toxic"]["status"] == first["circuits"]["safe"]["status"] == "ok"
+    calls.clear()
+    again = run(cfg, tmp_path / "run", tmp_path)
+    assert calls == [] and again["circuits"] == first["circuits"]
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda c: replace(c, circuits=replace(c.circuits, hooks=["residuals_2"])), "circuits.hooks: ['residuals_2']"),
+        (
+            lambda c: replace(c, inference=replace(c.inference, positions=Positions.generated)),
+            "inference.positions: generated does not store the last prompt position",
+        ),
+        (
+            lambda c: replace(
+                c,
+                circuits=replace(c.circuits, metric=MetricConfig(kind=MetricKind.response_score)),
+                inference=replace(c.inference, positions=Positions.last_prompt),
+            ),
+            "inference.positions: last_prompt stores no response tokens",
+        ),
+        (
+            lambda c: replace(c, circuits=replace(c.circuits, contrast_data=None)),
+            "circuits.contrast_data: the run's data has no harmless prompts",
+        ),
+    ],
+)
+def test_bad_input_fails_before_any_model_loads(change, needle, tiny_llama, shared_data, tmp_path, monkeypatch):
+    import refusal_lab.pipeline as pipeline
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    cfg = change(make_cfg(tiny_llama, shared_data, tmp_path))
+    with pytest.raises(ConfigError) as err:
+        run(cfg, tmp_path / "run", tmp_path)
+    assert needle in str(err.value)
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_unknown_discovery_set_is_one_config_error():
+    with pytest.raises(ConfigError, match=r"circuits.sets: \['over_refusals'\] are not discovery sets; valid: "):
+        CircuitsConfig(sets=["over_refusals"])  # type: ignore[list-item]
