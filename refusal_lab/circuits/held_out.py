@@ -89,8 +89,9 @@ def validate_circuit(
     metric_batches; labels / is_target in their order), harmless_batches, judge and tokenizer
     are needed; directions (hook -> r) add the difference-in-means direction's ablation.
     logits_to_keep (batch -> int) trims the LM head to the positions the metric reads; when it
-    is 1 for every batch and the generation prompts are the metric's, the metric's random-set
-    comparison is read from the generations' first-token logits instead of a separate pass.
+    is 1 for every batch and the metric's prompts are the generation's target prompts, the
+    metric's random-set comparison is read from the generations' first-token logits instead of
+    a separate pass.
     """
     if not ranked:
         return {"status": "empty", "reason": "the circuit has no SAE-feature nodes"}
@@ -103,9 +104,9 @@ def validate_circuit(
         prompt_batches = metric_batches
     random_from_generation = (
         generation
-        and prompt_batches is metric_batches
         and logits_to_keep is not None
-        and all(logits_to_keep(b) == 1 for b in metric_batches)
+        and all(logits_to_keep(b) == 1 for b in [*metric_batches, *prompt_batches])
+        and same_prompts(metric_batches, prompt_batches, is_target)
     )
     metric = metric_validation(
         model, saes, baseline, metric_batches, ranked, size, metric_fn, sizes=sizes,
@@ -153,6 +154,19 @@ def validate_circuit(
         sum(seconds.values()),
     )
     return out
+
+
+def same_prompts(
+    metric_batches: Sequence[PromptBatch], prompt_batches: Sequence[PromptBatch], is_target: Sequence[bool] | None
+) -> bool:
+    """Whether the metric's prompts are exactly the target prompts of the generation batches (as token ids)."""
+
+    def ids(batches: Sequence[PromptBatch], keep: Sequence[bool] | None) -> list[tuple[int, ...]]:
+        return sorted(
+            tuple(b.prompt_ids(r)) for b in batches for r in range(b.size) if keep is None or keep[b.index[r]]
+        )
+
+    return ids(metric_batches, None) == ids(prompt_batches, is_target)
 
 
 def ablation_summary(validation: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -198,6 +198,18 @@ def test_validate_circuit_reads_the_metric_random_sets_from_the_generations(mode
     assert with_generation["metric"]["random_sets"] == metric_only["metric"]["random_sets"]
     assert set(with_generation["faithfulness_curve"]) == {"2", "12", "20"}
     assert with_generation["ablation"]["n_random"] == 4 and metric_only["ablation"] is None
+    # Other prompts riding along (is_target False) leave the metric's random comparison unchanged.
+    extra = random_prompts(3, seed=16)
+    mixed_prompts = [p for b in prompts for r in range(b.size) for p in [b.prompt_ids(r)]] + extra
+    mixed = make_batches(mixed_prompts, N_POST, pad_id, batch_size=4)
+    riding = validate_circuit(
+        model, saes, baseline, ranked, first_token_metric, prompts, prompt_batches=mixed,
+        labels=["toxic"] * 5 + ["safe"] * 3, is_target=[True] * 5 + [False] * 3, harmless_batches=harmless,
+        judge=lambda rs: [r.startswith("a") for r in rs], tokenizer=tokenizer, max_new_tokens=2,
+        logits_to_keep=lambda b: 1, **common,
+    )  # fmt: skip
+    assert "first-token logits" in riding["metric"]["random"]["source"]
+    assert riding["metric"]["random"]["random_effects"] == pytest.approx(b["random_effects"], abs=1e-4)
     summary = ablation_summary(with_generation)
     assert summary is not None and set(summary) == {
         "refusal_rate_drop", "refusal_rate_drop_by_label", "random_refusal_rate_drop_median", "percentile",
