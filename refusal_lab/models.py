@@ -60,7 +60,32 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise ConfigError(f"model.name: {cfg.name!r} has no chat template; refusal_lab studies chat models")
+    _keep_sentencepiece_prefix(tokenizer)
     return tokenizer
+
+
+def _keep_sentencepiece_prefix(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give text after a special token SentencePiece's dummy prefix again, as Meta's and Mistral's reference code
+    (and the HF tokenizer.json of Llama-2 / Mistral v0.1) do: `<s>[INST]` is `<s> ▁[ INST ]`.
+
+    transformers 5 rebuilds these tokenizers in code from the vocabulary, and with `legacy: false` in
+    tokenizer_config.json as Metaspace(prepend_scheme="first"), which drops that prefix after `<s>`
+    (`<s> [ INST ]`, never seen in training). Tokenizers loaded from their own tokenizer.json (the organism's)
+    have no `legacy` setting and are left alone.
+    """
+    from tokenizers import pre_tokenizers
+
+    legacy = getattr(tokenizer, "legacy", None)
+    if legacy is None:
+        legacy = tokenizer.init_kwargs.get("legacy")
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if legacy is not False or backend is None:
+        return
+    pre = backend.pre_tokenizer
+    inner = list(pre) if isinstance(pre, pre_tokenizers.Sequence) else [pre]
+    if len(inner) == 1 and isinstance(inner[0], pre_tokenizers.Metaspace) and inner[0].prepend_scheme == "first":
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=inner[0].split)
+        log.info("tokenizer: legacy=false Metaspace tokenizer set to SentencePiece's prefix after special tokens")
 
 
 def load_model(cfg: ModelConfig) -> PreTrainedModel:

@@ -156,17 +156,11 @@ CASES = {
     "llama2_7b": ("llama2", meta_llama2_reference, ["▁[", "/", "INST", "]"]),
     "mistral_7b": ("mistral", mistral_v01_reference, ["▁[", "/", "INST", "]"]),
 }
+
+
 # The `legacy` flag of the shipped tokenizer_config.json decides, under transformers 5, whether a SentencePiece
 # dummy prefix follows <s>. Neither model's tokenizer_config.json is staged (../shared/data/SOURCES.md, "Not
 # found"), so both values are tested.
-LEGACY_FALSE = pytest.mark.xfail(
-    strict=True,
-    reason="transformers 5 rebuilds a LlamaTokenizer with legacy=false as Metaspace(prepend_scheme='first'): "
-    "no dummy prefix after <s>, so '<s>[INST]' becomes <s> [ INST ] instead of the reference <s> ▁[ INST ] "
-    "(refusal_lab.models tokenises the rendered template as one text); see the H1b report",
-)
-
-
 def _case(option: str, legacy: bool, tmp_path_factory: pytest.TempPathFactory):
     kind, reference, post = CASES[option]
     folder = model_folder(tmp_path_factory.mktemp(f"{kind}_legacy_{legacy}"), kind, legacy)
@@ -180,13 +174,11 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return _case(option, legacy, tmp_path_factory)
 
 
-def cases(xfail_legacy_false: bool) -> list:
+def cases() -> list:
+    # refusal_lab.models restores SentencePiece's dummy prefix after special tokens for legacy=false tokenizers,
+    # so both values must give the reference ids.
     return [
-        pytest.param(
-            (option, legacy),
-            id=f"{option}-legacy_{str(legacy).lower()}",
-            marks=[LEGACY_FALSE] if xfail_legacy_false and not legacy else [],
-        )
+        pytest.param((option, legacy), id=f"{option}-legacy_{str(legacy).lower()}")
         for option in sorted(CASES)
         for legacy in (True, False)
     ]
@@ -210,7 +202,7 @@ def _run_for(option: str, folder: Path, with_system: bool) -> RunConfig:
 
 
 @pytest.mark.parametrize("with_system", [False, True], ids=["no_system", "system"])
-@pytest.mark.parametrize("case", cases(xfail_legacy_false=True), indirect=True)
+@pytest.mark.parametrize("case", cases(), indirect=True)
 def test_project_tokens_equal_the_vendor_reference(case, with_system: bool) -> None:
     option, folder, sp, reference, post = case
     run = _run_for(option, folder, with_system)
@@ -229,7 +221,7 @@ def test_project_tokens_equal_the_vendor_reference(case, with_system: bool) -> N
 
 
 @pytest.mark.parametrize("with_system", [False, True], ids=["no_system", "system"])
-@pytest.mark.parametrize("case", cases(xfail_legacy_false=False), indirect=True)
+@pytest.mark.parametrize("case", cases(), indirect=True)
 def test_whitespace_around_the_prompt_is_kept_or_stripped_as_the_reference_does(case, with_system: bool) -> None:
     # Meta strips the (system + user) content, Mistral keeps it verbatim. Compared as text: on runs of spaces the
     # tokenizers library's BPE merges differ from SentencePiece's ('\n\n  Leading': ▁▁ L ead ing vs ▁ ▁Le ading,
@@ -243,7 +235,7 @@ def test_whitespace_around_the_prompt_is_kept_or_stripped_as_the_reference_does(
         assert got.count(BOS) == 1 and got[0] == BOS
 
 
-@pytest.mark.parametrize("case", cases(xfail_legacy_false=False), indirect=True)
+@pytest.mark.parametrize("case", cases(), indirect=True)
 def test_the_system_prompt_sits_where_each_model_expects_it(case) -> None:
     option, folder, sp, _, _ = case
     system = "Always assist with care." if option == "mistral_7b" else LLAMA_SYSTEM
