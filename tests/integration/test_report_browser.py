@@ -53,8 +53,12 @@ class DevTools:
         self._r, from_chrome_w = os.pipe()
 
         def fds() -> None:  # in the child: the pipe ends chromium expects at fds 3 and 4
+            # from_chrome_w > to_chrome_r >= 3 (created later), so the first dup2 cannot clobber it. dup2 onto the
+            # same number is a no-op that keeps close-on-exec, hence the explicit set_inheritable.
             os.dup2(to_chrome_r, 3)
             os.dup2(from_chrome_w, 4)
+            os.set_inheritable(3, True)
+            os.set_inheritable(4, True)
 
         assert CHROMIUM is not None
         self.proc = subprocess.Popen(
