@@ -82,7 +82,8 @@ def _keep_sentencepiece_prefix(tokenizer: PreTrainedTokenizerBase) -> None:
     if legacy is not False or backend is None:
         return
     pre = backend.pre_tokenizer
-    inner = list(pre) if isinstance(pre, pre_tokenizers.Sequence) else [pre]
+    # A Sequence iterates through __getitem__ (no __iter__ in its stubs).
+    inner = list(pre) if isinstance(pre, pre_tokenizers.Sequence) else [pre]  # pyright: ignore[reportArgumentType]
     if len(inner) == 1 and isinstance(inner[0], pre_tokenizers.Metaspace) and inner[0].prepend_scheme == "first":
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=inner[0].split)
         log.info("tokenizer: legacy=false Metaspace tokenizer set to SentencePiece's prefix after special tokens")
