@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from refusal_lab.config import Stage
+from refusal_lab.config import ConfigError, Stage
 from refusal_lab.pipeline import run
 from refusal_lab.stages import stage_specs
 from refusal_lab.store import StoreMismatchError
@@ -47,3 +47,18 @@ def test_sae_without_any_store_names_the_missing_input(tiny_llama, shared_data, 
     )
     with pytest.raises(Exception, match="store_path: .* holds no activation store; add collect to stages"):
         run(cfg, tmp_path / "run", tmp_path)
+
+
+def test_rerun_of_a_finished_collect_is_not_refused_on_disk_space(tiny_llama, shared_data, tmp_path, monkeypatch):
+    """Issue 8 item 1: the same command after a later stage crashed must not fail with 'needs about N GB'."""
+    import shutil
+    from collections import namedtuple
+
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path)
+    first = run(cfg, tmp_path / "r1", tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(1, 1, 0))  # the disk is now full
+    again = run(cfg, tmp_path / "r2", tmp_path)
+    assert again["collect"]["samples"] == first["collect"]["samples"]
+    with pytest.raises(ConfigError, match="store_path: the store needs about"):
+        run(replace(cfg, artifacts_dir=str(tmp_path / "elsewhere")), tmp_path / "r3", tmp_path)
