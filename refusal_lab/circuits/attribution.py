@@ -34,6 +34,7 @@ from refusal_lab.circuits.batches import PromptBatch
 from refusal_lab.circuits.config import Method
 from refusal_lab.circuits.metric import MetricSpec, logits_needed, refusal_metric
 from refusal_lab.circuits.spliced import forward_batch, spliced
+from refusal_lab.progress import progress
 from refusal_lab.sae.model import Sae
 
 TOP_ACTS = 16
@@ -125,7 +126,7 @@ def node_effects(
     metric = np.zeros(n, np.float64)
     top: dict[str, TopActivations] = {}
     alphas = [1.0] if method == Method.attribution_patching else [(k + 0.5) / steps for k in range(steps)]
-    for batch in batches:
+    for batch in progress(batches, desc="circuits: attribution batches"):
         real_BT = _real(batch)
         with torch.no_grad(), spliced(model, saes) as run:
             m_clean = refusal_metric(forward_batch(model, batch, logits_needed(batch, spec)), batch, spec)

@@ -38,6 +38,7 @@ from refusal_lab.circuits.validate import MetricFn, chunks, rank_against
 from refusal_lab.generation import generate_greedy
 from refusal_lab.hooks import HookFn, hooks_registered
 from refusal_lab.layers import HookPoint
+from refusal_lab.progress import progress
 from refusal_lab.sae.model import Sae
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def generate_under(
         n_prompts = sum(b.size for b in batches)
     out = [[""] * n_prompts for _ in range(n_conditions)]
     metric = np.full((n_conditions, n_prompts), np.nan) if metric_fn is not None else None
-    for batch in batches:
+    for batch in progress(batches, desc=f"circuits: ablation generations ({n_conditions} conditions)"):
         for rng in chunks(n_conditions, batch.size, max_rows):
             stacked = repeat_batch(batch, len(rng))
             with interventions(batch, rng):

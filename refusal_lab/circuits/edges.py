@@ -29,6 +29,7 @@ from refusal_lab.circuits.batches import PromptBatch
 from refusal_lab.circuits.metric import MetricSpec, logits_needed, refusal_metric
 from refusal_lab.circuits.spliced import forward_batch, spliced
 from refusal_lab.layers import HookPoint, Site
+from refusal_lab.progress import progress
 from refusal_lab.sae.model import Sae
 
 ERROR = -1
@@ -62,7 +63,7 @@ def edge_effects(
     pairs = list(zip(order[:-1], order[1:], strict=True))
     sums: dict[tuple[Node, Node], float] = {}
     n_prompts = 0
-    for batch in batches:
+    for batch in progress(batches, desc="circuits: edge batches"):
         n_prompts += batch.size
         for key, value in _batch_edges(model, saes, batch, baseline, spec, nodes, pairs).items():
             sums[key] = sums.get(key, 0.0) + value

@@ -32,6 +32,7 @@ import torch
 from refusal_lab.devices import resolve_device
 from refusal_lab.judge.config import ClassifierJudgeConfig, JudgeConfig, JudgeName, LlmJudgeConfig, PromptStyle
 from refusal_lab.judge.labels import CODES, Verdict, parse_verdict
+from refusal_lab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def run_llm_judge(
         model = model.to(device)
         model.eval()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        for batches, start in enumerate(range(done, len(responses), cfg.batch_size), start=1):
+        for batches, start in enumerate(progress(range(done, len(responses), cfg.batch_size), desc="judge: llm"), 1):
             stop = min(start + cfg.batch_size, len(responses))
             contexts = build_contexts(
                 tokenizer, style, questions[start:stop], responses[start:stop], cfg.max_response_chars
@@ -243,7 +244,7 @@ def run_classifier_judge(
         ) from err
     scores, done = _load_progress(folder, len(responses), len(id2label))
     with torch.no_grad():
-        for start in range(done, len(responses), cfg.batch_size):
+        for start in progress(range(done, len(responses), cfg.batch_size), desc="judge: classifier batches"):
             stop = min(start + cfg.batch_size, len(responses))
             pair = (
                 (list(questions[start:stop]), list(responses[start:stop]))
