@@ -411,13 +411,13 @@ def compare_committed_sets(
         )  # fmt: skip
         for_sets[name] = (pool_hook.tolist(), pool_feature.tolist(), effects)
         sizes.append(int(entry.get("n_nodes") or size))
-        log.info(
-            "circuits compare: %s: %s (%d permutations, %.2f ms each)",
-            name,
-            by_set[name].get("verdict", by_set[name].get("status")),
-            n_permutations,
-            1e3 * by_set[name].get("seconds_per_permutation", 0.0),
-        )
+        result = by_set[name]
+        if result.get("status") == "ok":
+            ms = 1e3 * result["seconds_per_permutation"]
+            verdict = result["verdict"]
+            log.info("circuits compare: %s: %s (%d permutations, %.3f ms each)", name, verdict, n_permutations, ms)
+        else:
+            log.info("circuits compare: %s: skipped (%s)", name, result.get("reason"))
     out: dict[str, Any] = {"categories": by_set}
     if len(for_sets) >= 2:
         out["sets"] = compare_sets(for_sets, min(sizes), n_bootstrap=n_bootstrap, seed=seed)
