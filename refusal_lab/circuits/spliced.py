@@ -7,7 +7,10 @@ residuals_N = input of layers[N] via a pre-hook, mlp_N / attention_N = the modul
 
 With no edit x' = x up to float rounding, whatever the SAE's quality: the error node carries
 everything the SAE misses, so interventions on features are exact interventions on the model
-(Marks et al., "Sparse feature circuits"). The SAE runs in its own dtype (float32 for the
+(Marks et al., "Sparse feature circuits"). Gradients: d m / d f is the feature node's own effect
+(f enters x' only through the decoder), d m / d err is the activation's gradient, and the
+gradient reaching the upstream model is the unspliced model's (see `_splice_fn`); `encoded`
+keeps the encoder output connected upstream for edges. The SAE runs in its own dtype (float32 for the
 shipped ones); x' is cast back to the model's dtype.
 
 Shape letters: B batch, T positions of one forward call, F SAE features, D d_model.
@@ -36,9 +39,13 @@ class SplicedRun:
     """What the spliced hooks used in the latest forward call (after the edit)."""
 
     feats: dict[str, torch.Tensor] = field(default_factory=dict)
-    """hook -> [B, T, F], still in the autograd graph (callers may `retain_grad()` in an edit)."""
+    """hook -> [B, T, F] after the edit; with grad enabled the pre-edit features are a leaf, so
+    d(metric)/d(feats) is the feature node's direct effect (Marks et al.)."""
     errors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """hook -> [B, T, D], the error node."""
+    """hook -> [B, T, D], the error node (its gradient flows on to the upstream model)."""
+    encoded: dict[str, torch.Tensor] = field(default_factory=dict)
+    """hook -> [B, T, F], the encoder's output before the edit, connected to everything upstream
+    (for edges: d encoded[down] / d feats[up] through the blocks between two hook points)."""
 
 
 def sae_device(model: nn.Module, hook: str) -> torch.device:
@@ -51,13 +58,22 @@ def _splice_fn(hook: str, sae: Sae, edit: FeatureEdit | None, run: SplicedRun, r
 
     def fn(x_BTD: torch.Tensor) -> torch.Tensor:
         x = x_BTD.to(dtype)
-        feats = sae.encode(x)
-        err = x - sae.decode(feats)
+        encoded = sae.encode(x)
+        # Gradients as Marks et al. take them: the features are a node of their own (a leaf whose
+        # gradient is the direct path through the decoder), the error node carries no gradient back
+        # into them, and the activation's gradient passes to the upstream model unchanged (x' = x
+        # in value, dx'/dx = I through the error node). Without the detach the feature gradient
+        # would cancel exactly (x' = decode(f) + x - decode(f)).
+        feats = encoded.detach()
+        if torch.is_grad_enabled():
+            feats.requires_grad_(True)
+        err = x - sae.decode(feats).detach()
         if edit is not None:
             feats, err = edit(hook, feats, err)
         if record:
             run.feats[hook] = feats
             run.errors[hook] = err
+            run.encoded[hook] = encoded
         return (sae.decode(feats) + err).to(x_BTD.dtype)
 
     return fn

@@ -11,6 +11,8 @@ from refusal_lab.circuits.ablation import Condition, Mode, ablate, ablate_comple
 from refusal_lab.circuits.baseline import BoundBaseline, mean_baseline, zero_baseline
 from refusal_lab.circuits.batches import PromptBatch, make_batches
 from refusal_lab.circuits.spliced import forward_batch, spliced
+from refusal_lab.hooks import hooks_registered
+from refusal_lab.layers import HookPoint
 from refusal_lab.store import Phase
 from tests.integration.circuits_fixtures import (
     HOOKS,
@@ -226,3 +228,42 @@ def test_stacked_conditions_equal_separate_runs(model, batch, pad_id):
         rows = slice(r * batch.size, (r + 1) * batch.size)
         torch.testing.assert_close(stacked[rows], alone, atol=1e-4, rtol=1e-4)
     assert float((stacked[: batch.size] - stacked[batch.size : 2 * batch.size]).abs().max()) > 1e-3
+
+
+def test_feature_and_error_gradients_are_the_models_at_every_hook(model, batch):
+    """d m/d err = the unspliced model's gradient at the hook; d m/d f = that gradient through the decoder,
+    at downstream hooks too (a feature gradient must not cancel against the error node)."""
+    saes = random_saes(model.config.hidden_size)
+    hooks = ["residuals_1", "mlp_1", "attention_2"]
+
+    def metric(logits):
+        return logits[:, -1, 42].sum() - logits[:, -1, 7].sum()
+
+    # Reference: the plain model, with the first hook's input made a leaf and the later activations retained.
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(hook):
+        def fn(x):
+            if hook == "residuals_1":
+                x = x.detach().requires_grad_(True)
+            x.retain_grad()
+            seen[hook] = x
+            return x
+
+        return fn
+
+    with torch.enable_grad(), hooks_registered(model, {HookPoint.from_name(h): keep(h) for h in hooks}):
+        metric(forward_batch(model, batch, logits_to_keep=1)).backward()
+    with torch.enable_grad(), spliced(model, saes) as run:
+        out = metric(forward_batch(model, batch, logits_to_keep=1))
+        grads = torch.autograd.grad(out, [t for h in hooks for t in (run.feats[h], run.errors[h])], retain_graph=True)
+    for i, hook in enumerate(hooks):
+        true = seen[hook].grad
+        assert true is not None
+        grad_f, grad_e = grads[2 * i], grads[2 * i + 1]
+        torch.testing.assert_close(grad_e, true, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(grad_f, true @ saes[hook].W_dec.T, atol=1e-4, rtol=1e-3)
+        assert float(grad_f.abs().max()) > 1e-4
+    # The encoder output stays connected upstream (edges differentiate it).
+    (edge,) = torch.autograd.grad(run.encoded["mlp_1"].sum(), [run.feats["residuals_1"]], allow_unused=True)
+    assert edge is not None and float(edge.abs().sum()) > 0
