@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,7 @@ def main() -> None:
         timings[f"{name}_validation"] = time.perf_counter() - t2
         results[name] = {
             "n_discovery": len(disc),
+            "circuit_hooks": dict(Counter(h for h, _, _ in ranking[: args.size])),
             "n_validation": len(val),
             "faithfulness": out["faithfulness"],
             "faithfulness_curve": out["faithfulness_curve"],
