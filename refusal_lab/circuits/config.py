@@ -48,7 +48,8 @@ class DiscoverySet(StrEnum):
 class RefusedBy(StrEnum):
     """Which judgement defines `refused` for over_refusal and the refused/answered filters."""
 
-    keyword = "keyword"  # the store's `refused` column (the keyword/rule judge collect ran)
+    store = "store"  # the store's `refused` column (the judgement collect made)
+    keyword = "keyword"  # the others: refusal_lab.judge's judgements (the judge stage's artifacts)
     rule = "rule"
     score = "score"
     llm = "llm"
@@ -96,8 +97,8 @@ class CircuitsConfig:
     """mean (contrast means per phase) or zero."""
     metric: MetricConfig = field(default_factory=MetricConfig)
     """The refusal metric."""
-    refused_by: RefusedBy = RefusedBy.keyword
-    """Judgement that defines `refused`: keyword (the store's column) or a refusal_lab.judge judge."""
+    refused_by: RefusedBy = RefusedBy.store
+    """Judgement that defines `refused`: store (the store's column) or a refusal_lab.judge judge name."""
     contrast_data: Any = None
     """Harmless contrast prompts when the run's data has none: a `data` config (e.g. the keys of
     conf/data/refusal_direction_harmless.yaml); null uses the run's harmless prompts."""

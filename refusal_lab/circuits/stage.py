@@ -72,13 +72,16 @@ def circuit_hooks(ctx: RunContext) -> list[str]:
 
 
 def judgement_fingerprint(ctx: RunContext) -> str:
-    """What decided `refused`: the store's keyword column (covered by the store), or a judge's labels."""
+    """What decided `refused`: the store's column (covered by the store fingerprint), or a judge's labels."""
     cfg = ctx.cfg.circuits
-    if cfg.refused_by == RefusedBy.keyword:
-        return "store:keyword"
-    from refusal_lab import judge  # H5's refusal_lab.judge
+    if cfg.refused_by == RefusedBy.store:
+        return "store"
+    from refusal_lab import judge
 
-    return str(judge.judgement_fingerprint(ctx, cfg.refused_by.value))  # type: ignore[attr-defined]
+    m = ctx.cfg.model
+    return judge.judgement_fingerprint(
+        ctx.fingerprints[Stage.collect], cfg.refused_by.value, ctx.cfg.judge, m.name, m.refusal_prefixes
+    )
 
 
 class CircuitsStage:
@@ -146,16 +149,6 @@ def check_inputs(ctx: RunContext) -> None:
         )
     if cfg.contrast_data is not None:
         _contrast_prompts(cfg)  # loads (cheap) so that a bad path fails now
-    if cfg.refused_by != RefusedBy.keyword:
-        try:
-            from refusal_lab import judge
-
-            getattr(judge, "refused_labels")  # noqa: B009 - H5's API; absent until it lands
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(
-                f"circuits.refused_by: {cfg.refused_by.value} needs refusal_lab.judge.refused_labels, which this "
-                "install lacks; valid now: keyword"
-            ) from err
 
 
 def _contrast_prompts(cfg: CircuitsConfig) -> list[Any]:
@@ -184,15 +177,13 @@ def load_pool(ctx: RunContext) -> tuple[PromptPool, list[int], list[list[int]] |
     prompts = [str(x) for x in samples["prompt"]]
     labels = [str(x) for x in samples["label"]]
     categories = [str(x) for x in samples["category"]]
-    if cfg.refused_by == RefusedBy.keyword:
+    if cfg.refused_by == RefusedBy.store:
         refused = np.asarray(samples["refused"], bool)
     else:
         from refusal_lab import judge
 
-        refused = np.asarray(
-            judge.refused_labels(ctx.store_path, ctx.artifacts, cfg.refused_by.value),  # type: ignore[attr-defined]
-            bool,
-        )
+        labels_N = judge.refused_labels(ctx.store_path, ctx.artifacts, cfg.refused_by.value, cfg=ctx.cfg.judge)
+        refused = np.asarray(labels_N, bool)
     responses = None
     if cfg.metric.kind == MetricKind.response_score:
         responses = _responses(store, np.asarray(samples["sample_id"]))

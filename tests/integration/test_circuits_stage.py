@@ -183,3 +183,23 @@ def test_bad_input_fails_before_any_model_loads(change, needle, tiny_llama, shar
 def test_unknown_discovery_set_is_one_config_error():
     with pytest.raises(ConfigError, match=r"circuits.sets: \['over_refusals'\] are not discovery sets; valid: "):
         CircuitsConfig(sets=["over_refusals"])  # type: ignore[list-item]
+
+
+def test_fingerprint_covers_the_judgement_the_saes_and_the_settings(tiny_llama, shared_data, tmp_path):
+    from refusal_lab.circuits.config import RefusedBy
+    from refusal_lab.pipeline import planned_context
+
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path)
+
+    def circuits_fp(c: RunConfig) -> str:
+        return planned_context(c, tmp_path).fingerprints[Stage.circuits]
+
+    base = circuits_fp(cfg)
+    assert circuits_fp(replace(cfg, circuits=replace(cfg.circuits, batch_size=3))) == base  # batching only
+    for changed in (
+        replace(cfg, circuits=replace(cfg.circuits, refused_by=RefusedBy.rule)),
+        replace(cfg, sae=replace(cfg.sae, k=4)),
+        replace(cfg, circuits=replace(cfg.circuits, ig_steps=3)),
+        replace(cfg, inference=replace(cfg.inference, max_new_tokens=2)),
+    ):
+        assert circuits_fp(changed) != base
