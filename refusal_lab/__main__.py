@@ -17,7 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from refusal_lab.config import ConfigError, RunConfig, register_configs
+from refusal_lab.config import RunConfig, register_configs
+from refusal_lab.errors import ConfigError
 from refusal_lab.store import StoreMismatchError
 
 log = logging.getLogger("refusal_lab")

@@ -54,7 +54,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from refusal_lab.config import EMBEDDED_DATA, LOCAL_DATA_ENV, BalanceStrategy, ConfigError, DataConfig, DataSource
+from refusal_lab.config import EMBEDDED_DATA, LOCAL_DATA_ENV, BalanceStrategy, DataConfig, DataSource
+from refusal_lab.errors import ConfigError
 from refusal_lab.taxonomy import LABELS, OR_BENCH_CATEGORIES
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import zarr
 
-from refusal_lab.config import ConfigError
+from refusal_lab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import BloscCname, BloscCodec, BloscShuffle, BytesCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
 
-from refusal_lab.config import ConfigError
+from refusal_lab.errors import ConfigError
 from refusal_lab.fingerprint import write_json_atomic
 from refusal_lab.store import (
     ACTS_CODEC,

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
-from refusal_lab.config import ConfigError, Stage
+from refusal_lab.config import Stage
+from refusal_lab.errors import ConfigError
 from refusal_lab.fingerprint import fingerprint
 from refusal_lab.report.build import REPORT_HTML, SUMMARY, build_report
 from refusal_lab.stages import RunContext
