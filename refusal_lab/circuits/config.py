@@ -12,7 +12,7 @@ from typing import Any
 
 from refusal_lab.errors import ConfigError
 
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: feature -> feature edges through the encoder output (were all zero)
 """Bump whenever the circuits stage's output changes for the same config and inputs."""
 
 MIN_PROMPTS = 8

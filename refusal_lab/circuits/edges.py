@@ -102,7 +102,10 @@ def _batch_edges(
             targets: list[tuple[int, torch.Tensor]] = []
             for feature in nodes.get(down, []):
                 if gf_down is not None:
-                    targets.append((feature, (gf_down[..., feature].detach() * run.feats[down][..., feature]).sum()))
+                    # run.feats[down] is a leaf (the node itself); its value as a function of upstream
+                    # nodes is the encoder's output, which stays connected to everything upstream.
+                    encoded = run.encoded[down][..., feature]
+                    targets.append((feature, (gf_down[..., feature].detach() * encoded).sum()))
             if ge_down is not None:
                 targets.append((ERROR, (ge_down.detach() * run.errors[down]).sum()))
             for feature, scalar in targets:
