@@ -118,9 +118,9 @@ class CircuitsConfig:
     """An edge needs |effect| above this."""
     edge_share: float = 0.9
     """Keep the fewest edges per downstream hook covering this share of their total |effect|."""
-    faithfulness_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    faithfulness_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256])
     """Circuit sizes of the faithfulness curve."""
-    n_random: int = 10
+    n_random: int = 20
     """Random feature sets (same size and per-hook counts, active features) compared with the circuit."""
     steer_alpha: float = -4.0
     """Steering adds alpha times each circuit feature's decoder direction (negative: against refusal)."""

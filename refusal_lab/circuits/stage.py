@@ -267,6 +267,9 @@ class SetRunner:
         effects = self.effects(plan, batches, baseline)
         means = {h: effects.mean_feats(h) for h in effects.hooks}
         nodes = select_nodes(means, cfg.node_threshold, cfg.node_share, cfg.circuit_size)
+        # The faithfulness curve may run past the circuit (a 32-feature circuit can be necessary without
+        # being sufficient); the circuit is always a prefix of this ranking.
+        ranking = select_nodes(means, 0.0, 1.0, max([*cfg.faithfulness_sizes, len(nodes)]))
         circuit = {h: [f for hh, f, _ in nodes if hh == h] for h in effects.hooks}
         error_means = {h: float(effects.errors[h].mean()) for h in effects.hooks}
         floor = min((abs(e) for _, _, e in nodes), default=float("inf"))
@@ -284,7 +287,7 @@ class SetRunner:
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / "graph.json", _graph(plan, nodes, error_means, edges, effects.hooks, cfg))
         self._write_effects(folder, plan, effects, nodes)
-        validation = self.validate(plan, nodes, baseline)
+        validation = self.validate(plan, nodes, ranking, baseline)
         write_json_atomic(folder / "validation.json", validation)
         entry: dict[str, Any] = {
             "status": "ok",
@@ -323,7 +326,13 @@ class SetRunner:
             self._effects[key] = ({i: r for r, i in enumerate(plan.target.discovery)}, effects)
         return effects
 
-    def validate(self, plan: SetPlan, nodes: list[tuple[str, int, float]], baseline: Baseline) -> dict[str, Any]:
+    def validate(
+        self,
+        plan: SetPlan,
+        nodes: list[tuple[str, int, float]],
+        ranking: list[tuple[str, int, float]],
+        baseline: Baseline,
+    ) -> dict[str, Any]:
         """Held-out validation (refusal_lab.circuits.held_out): every number on the set's validation prompts.
 
         Pooled sets also generate (ablation and steering, against the random sets) on the held-out
@@ -351,9 +360,10 @@ class SetRunner:
             self.model,
             self.saes,
             baseline,
-            [(h, f) for h, f, _ in nodes],
+            [(h, f) for h, f, _ in ranking],
             lambda logits, batch: refusal_metric(logits, batch, spec),
             self.batches(plan.target.validation),
+            size=len(nodes),
             sizes=cfg.faithfulness_sizes,
             n_random=cfg.n_random,
             seed=self.ctx.cfg.seed,

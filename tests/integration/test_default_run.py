@@ -121,6 +121,19 @@ def test_toxic_circuit_ablation_removes_toxic_refusal_and_random_sets_do_not(def
     assert ablation["refusal_rate_drop"] >= 0.5, ablation
     assert ablation["random_refusal_rate_drop_median"] <= 0.1, ablation
     assert ablation["kl_harmless"] <= 0.1, ablation
+    # Every random set ranks below the circuit, and with 20 of them that is significant at 0.05.
+    assert ablation["percentile"] == 100 and ablation["p_value"] < 0.05, ablation
+
+
+def test_faithfulness_curve_grows_to_the_whole_model(default_run):
+    # Keeping more of the ranking restores more of the metric: the curve ends near 1 (everything
+    # ranked kept) and the saved circuit is necessary (completeness: ablating it removes most of it).
+    for name in ("toxic", "over_refusal"):
+        entry = default_run[0]["circuits"][name]
+        curve = {int(k): v for k, v in entry["faithfulness_curve"].items()}
+        assert curve[max(curve)] >= 0.8, (name, curve)
+        assert curve[max(curve)] > curve[min(curve)] + 0.5, (name, curve)
+        assert entry["completeness"] <= 0.2, (name, entry["completeness"])
 
 
 def _trigger_token(text: str) -> bool:
