@@ -301,7 +301,9 @@ class RunConfig:
     circuits: CircuitsConfig = field(default_factory=CircuitsConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    stages: list[Stage] = field(default_factory=lambda: [Stage.collect, Stage.sae, Stage.circuits, Stage.report])
+    stages: list[Stage] = field(
+        default_factory=lambda: [Stage.collect, Stage.judge, Stage.sae, Stage.circuits, Stage.report]
+    )
     """Stages to run, in pipeline order; a stage whose committed result exists is skipped."""
     artifacts_dir: str = "artifacts"
     """Root of the fingerprint-keyed stage outputs, shared by runs and sweeps (relative: to the launch dir)."""

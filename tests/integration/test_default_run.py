@@ -150,3 +150,13 @@ def test_over_refusal_analysis_recovers_the_planted_trigger_words(default_run):
     assert ablation["refusal_rate_drop"] >= 0.5, ablation  # on the held-out refused safe prompts
     # Reported beside it: the effect on toxic prompts (refusal's output features are shared).
     assert "toxic" in ablation["refusal_rate_drop_by_label"]
+
+
+def test_judges_are_compared_in_every_default_run(default_run):
+    judges = default_run[0]["judges"]
+    assert set(judges["pairs"]) == {"rule~keyword", "rule~score", "keyword~score"}
+    for pair in judges["pairs"].values():
+        confusion = pair["binary"]["confusion"]
+        assert sum(map(sum, confusion)) == 270 == pair["binary"]["n"]
+    # The organism's judges agree on every response, so the disagreement file exists and is empty.
+    assert judges["disagreements"]["n"] == 0 and Path(judges["disagreements"]["csv"]).exists()
