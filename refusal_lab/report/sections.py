@@ -103,11 +103,11 @@ def refusal(summary: dict[str, Any], run_dir: Path) -> str:
 
 def judges(summary: dict[str, Any], run_dir: Path) -> str:
     report = summary.get("judges")
-    if not report or not report.get("judges"):
+    if not report or not report.get("per_judge"):
         collect_pairs = ((summary.get("collect") or {}).get("judges") or {}).get("pairs") or {}
         text = note("Judges: the judge stage did not run (no 'judges' in summary.json); rates above use one judge.")
         return text + (_agreement(collect_pairs, "the collect stage's judges") if collect_pairs else "")
-    entries = report["judges"]
+    entries = report["per_judge"]
     names = list(entries)
     labels = sorted({lab for e in entries.values() for lab in (e.get("by_label") or {})})
     series = {n: [(entries[n].get("by_label", {}).get(lab) or {}).get("refusal_rate") for lab in labels] for n in names}

@@ -160,3 +160,6 @@ def test_judges_are_compared_in_every_default_run(default_run):
         assert sum(map(sum, confusion)) == 270 == pair["binary"]["n"]
     # The organism's judges agree on every response, so the disagreement file exists and is empty.
     assert judges["disagreements"]["n"] == 0 and Path(judges["disagreements"]["csv"]).exists()
+    # The report renders this stage's entry (not the collect stage's fallback).
+    page = (Path(judges["disagreements"]["csv"]).parent / "report.html").read_text()
+    assert "judges-by-label" in page and "judge stage did not run" not in page

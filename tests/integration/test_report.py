@@ -77,8 +77,8 @@ def _judges(run_dir: Path) -> dict[str, Any]:
             "partial_refusal": 0.0,
         }
 
-    return {
-        "judges": {
+    return {  # the judge stage's summary entry (refusal_lab/judge/stage.py)
+        "per_judge": {
             "keyword": {
                 "three_class": False,
                 "overall": shares(0.44),
