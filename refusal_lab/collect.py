@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from refusal_lab.collect_batches import BatchRunner, left_pad, open_sink, run_batches
+from refusal_lab.collect_batches import BatchRunner, open_sink, run_batches
 from refusal_lab.collect_fingerprint import collect_fingerprint
 from refusal_lab.collect_plan import CollectPlan, check_disk, plan_collect
 from refusal_lab.config import RunConfig
 from refusal_lab.data import Prompt
 from refusal_lab.errors import ConfigError
+from refusal_lab.generation import left_pad
 from refusal_lab.models import load_model, n_layers
 from refusal_lab.store_writer import StoreWriter
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal_lab.collect_plan import CollectPlan, recorded_columns
 from refusal_lab.config import InferenceConfig, RunConfig
 from refusal_lab.data import Prompt
-from refusal_lab.generation import Generation, generate_greedy
+from refusal_lab.generation import Generation, generate_greedy, left_pad
 from refusal_lab.hooks import ActivationRecorder, hooks_registered
 from refusal_lab.judge.continuation import continue_responses
 from refusal_lab.judge.core import refused_by_rule, rule_judge_for
@@ -34,17 +34,6 @@ log = logging.getLogger(__name__)
 
 CPU_AUTO_BATCH = 32
 """`batch_size: auto` on CPU: no out-of-memory signal to search with, and larger batches gain little there."""
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of `rows`, padded on the left to the longest row."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def token_table(

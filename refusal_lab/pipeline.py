@@ -1,6 +1,7 @@
 """Stage order, fingerprint-keyed artifacts, resume, and summary.json.
 
-The pipeline is a loop over stage specs (refusal_lab.stages): it knows no stage's internals.
+The pipeline is a loop over stage specs (refusal_lab.stages): it knows no stage's internals, only
+their order (`stage_specs`, the registry: the one place that lists the stages).
 Everything cheap is checked before anything expensive starts: prompts load, the tokenizer
 loads, the layer spec fits the model's config, every stage computes its fingerprint and runs
 its `prepare` check (the store fits on its disk, the circuits inputs exist, ...), and every
@@ -22,20 +23,32 @@ from typing import Any
 
 import torch
 
+from refusal_lab.circuits.stage import CircuitsStage
 from refusal_lab.claims import claimed, wait_verified
 from refusal_lab.collect import plan_collect
+from refusal_lab.collect_spec import CollectStage
 from refusal_lab.config import ConfigError, RunConfig, Stage
 from refusal_lab.data import load_prompts_with_report
 from refusal_lab.fingerprint import fingerprint, write_json_atomic
+from refusal_lab.judge.spec import JudgeStage
 from refusal_lab.models import load_model, load_tokenizer
+from refusal_lab.report.stage import ReportStage
+from refusal_lab.sae.spec import SaeStage
 from refusal_lab.shards import claim_paths
 from refusal_lab.stage_jobs import locked, stage_locks
-from refusal_lab.stages import RunContext, StageSpec, stage_specs, to_plain
+from refusal_lab.stages import RunContext, StageSpec, to_plain
 from refusal_lab.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
+
+
+def stage_specs() -> dict[Stage, StageSpec]:
+    """Every implemented stage, in pipeline order (the Stage enum's order)."""
+    specs: list[StageSpec] = [CollectStage(), JudgeStage(), SaeStage(), CircuitsStage(), ReportStage()]
+    order = list(Stage)
+    return {spec.name: spec for spec in sorted(specs, key=lambda s: order.index(s.name))}
 
 
 def _check_run_dir(run_dir: Path, run_fp: str) -> dict[str, Any]:

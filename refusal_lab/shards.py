@@ -144,7 +144,7 @@ def joined_complete(store_path: Path) -> bool:
     return is_parts_index(store_path) and joined_status(store_path) == "complete"
 
 
-# --- the collect stage's StageSpec (refusal_lab.stages.CollectStage) delegates here for parts ---
+# --- the collect stage's StageSpec (refusal_lab.collect_spec.CollectStage) delegates here for parts ---
 
 
 def shard_artifact(ctx: RunContext) -> Path:

@@ -1,178 +1,86 @@
-"""The Zarr activation store: layout, append with commit, resume after a kill, read.
+"""The Zarr activation store's readers: `ActivationStore` (one store) and `JoinedStore` (a sharded one).
 
 Written by the collect stage (through refusal_lab.store_writer: `StoreWriter`, usually behind a
-`BackgroundWriter`);
-read by the sae stage and the summary (through `ActivationStore`). The layout is plain
-zarr v3 on local disk, so `zarr.open_group(path, mode="r")` reads it without this module::
+`BackgroundWriter`); read by the sae, judge and circuits stages and the summary. The on-disk
+layout, the records, the errors and the metadata readers are in refusal_lab.store_format and
+re-exported here, so `refusal_lab.store` is the one name to import a store from. The parts
+index of a sharded collect is refusal_lab.store_parts; `ActivationStore.open` reads a folder
+holding one as a `JoinedStore`, so every reader takes either.
 
-    <path>/                      zarr v3 group; attrs {"refusal_lab": {format_version, fingerprint,
-                                 hook_points, d_model, encoding, model_dtype, chunk_tokens, ...caller attrs}}
-      acts/<hook>                [n_tokens, d_model], chunks (chunk_tokens, d_model), blosc lz4 bitshuffle;
-                                 float16, or (encoding "raw") uint16 holding the bf16/fp16 bits or float32
-                                 as is; attrs {"dtype": what the stored values mean: float16|bfloat16|float32}
-      tokens/sample_id           [n_tokens] int32  which sample each token belongs to
-      tokens/position            [n_tokens] int32  position in the unpadded sequence (0 = first real token, BOS)
-      tokens/phase               [n_tokens] int8   0 prompt, 1 post-instruction template, 2 generated
-      tokens/token_id            [n_tokens] int32
-      samples/sample_id          [n_samples] int32 in processing order; indexes the prompt list
-      samples/{prompt,category,label,response}  [n_samples] variable-length UTF-8 strings
-      samples/refused            [n_samples] bool     keyword judge
-      samples/refusal_score      [n_samples] float32  first-token log-odds
-      samples/{n_prompt_tokens,n_generated_tokens}  [n_samples] int32
-      manifest.json              the commit marker (see below), replaced atomically after each block
-
-manifest.json: {"format_version": 1, "fingerprint", "committed_samples", "committed_tokens",
-"blocks": [{"samples": [start, end), "tokens": [start, end)}, ...], "overflow_counts": {hook: int},
-"complete": bool}. Only rows below the committed counts are valid: arrays may be longer after a kill.
-
-Integrity: each append writes data first and the manifest last (temp file, fsync, os.replace,
-fsync of the folder). Every chunk file is written under a temporary name and renamed (by zarr's
-LocalStore, `_atomic_write` in zarr/storage/_local.py, or by `_write_rows_direct` in refusal_lab.store_writer), so a
-kill cannot tear the boundary chunk that also holds committed rows; with `durable=True` the
-touched chunk files are fsynced before the manifest, so a node crash cannot leave a manifest
-pointing at data that never reached disk. On resume every array is cut back to the manifest's
-counts. Chunk keys use "." (`c.<i>.0`), so each array is one folder.
-
-Strings use zarr's "string" data type (`dtype=str`, vlen-utf8 codec), which has a registered
-zarr v3 extension spec: zarr 3.1.6 emits no UnstableSpecificationWarning for it (fixed-width
-"U" strings would warn), and tests/unit/test_store.py fails if that changes.
-
-Compression: activations are mostly mantissa noise and only their exponent bits compress. Blosc
-lz4 after a bit shuffle (which lines those bits up) matches or beats zstd level 1's ratio
-(1.4x) at 1.2-1.5x its encode and about 2x its decode speed; token tables and sample columns
-use zstd level 1.
-`benchmarks/bench_codecs.py` measures both on the organism and a random-init bf16 Llama.
-
-Shape letters: N tokens of a block, D d_model.
+Shape letters: N tokens, D d_model.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
-from refusal_lab.errors import ConfigError
+from refusal_lab.store_format import (
+    ACTS_CODEC,
+    ATTRS_KEY,
+    ENCODINGS,
+    FORMAT_VERSION,
+    MANIFEST,
+    SAMPLE_CHUNK,
+    SAMPLE_FIELDS,
+    TOKEN_FIELDS,
+    TOKEN_TABLE_CHUNK,
+    ZSTD_LEVEL,
+    Phase,
+    SampleRecord,
+    StoreIncompleteError,
+    StoreMismatchError,
+    TokenBlock,
+    dtype_name,
+    estimate_store_bytes,
+    group_meta,
+    open_array,
+    raw_dtype,
+    read_json,
+    store_meta,
+)
+from refusal_lab.store_parts import (
+    PART_ATTRS,
+    MissingPartError,
+    PartsIndex,
+    global_batches,
+    index_path,
+    is_parts_index,
+    part_attrs,
+    part_command,
+    part_fingerprint,
+)
 
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-ATTRS_KEY = "refusal_lab"
-ENCODINGS = ("float16", "raw")
-ZSTD_LEVEL = 1
-ACTS_CODEC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
-"""Blosc lz4 after a bit shuffle, for activations: see "Compression" above."""
-TOKEN_TABLE_CHUNK = 65536
-"""Rows per chunk of the small per-token arrays (4 bytes a row: 1024-row chunks would mean many tiny files)."""
-SAMPLE_CHUNK = 1024
-TOKEN_FIELDS: dict[str, type] = {"sample_id": np.int32, "position": np.int32, "phase": np.int8, "token_id": np.int32}
-SAMPLE_FIELDS: dict[str, Any] = {
-    "sample_id": np.int32,
-    "prompt": str,
-    "category": str,
-    "label": str,
-    "response": str,
-    "refused": np.bool_,
-    "refusal_score": np.float32,
-    "n_prompt_tokens": np.int32,
-    "n_generated_tokens": np.int32,
-}
-
-
-class Phase(IntEnum):
-    PROMPT = 0
-    POST_INSTRUCTION = 1
-    GENERATED = 2
-
-
-@dataclass
-class SampleRecord:
-    sample_id: int
-    prompt: str
-    category: str
-    label: str
-    response: str
-    refused: bool
-    refusal_score: float
-    n_prompt_tokens: int
-    n_generated_tokens: int
-
-
-@dataclass
-class TokenBlock:
-    """What one batch produces: its samples and, per kept token, its table row and activations."""
-
-    samples: list[SampleRecord]
-    sample_id: np.ndarray
-    position: np.ndarray
-    phase: np.ndarray
-    token_id: np.ndarray
-    acts: dict[str, torch.Tensor]
-    """hook name -> [N, D] CPU tensor in the model dtype; may still be filled by an async copy (see `ready`)."""
-    ready: Callable[[], None] | None = None
-    """Called by the writer before it reads `acts` (e.g. a CUDA event's synchronize)."""
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.sample_id)
-
-
-class StoreMismatchError(ValueError):
-    """The path holds something other than this run's store."""
-
-
-class StoreIncompleteError(RuntimeError):
-    """The store has not been committed complete."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def raw_dtype(model_dtype: torch.dtype) -> np.dtype:
-    if model_dtype in (torch.bfloat16, torch.float16):
-        return np.dtype(np.uint16)
-    if model_dtype == torch.float32:
-        return np.dtype(np.float32)
-    raise ConfigError(f"model.torch_dtype: raw encoding supports bfloat16, float16 and float32, not {model_dtype}")
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def store_meta(path: Path) -> dict | None:
-    """The refusal_lab group attributes of the store at `path`, or None when it is not one."""
-    group = read_json(path / "zarr.json")
-    if not group or group.get("node_type") != "group":
-        return None
-    meta = group.get("attributes", {}).get(ATTRS_KEY)
-    return meta if isinstance(meta, dict) and "fingerprint" in meta else None
-
-
-def open_array(group: zarr.Group, name: str) -> zarr.Array:
-    arr = group[name]
-    assert isinstance(arr, zarr.Array), name
-    return arr
-
-
-def group_meta(group: zarr.Group) -> dict[str, Any]:
-    meta = group.attrs[ATTRS_KEY]
-    assert isinstance(meta, dict)
-    return dict(meta)
+__all__ = [
+    "ACTS_CODEC",
+    "ATTRS_KEY",
+    "ENCODINGS",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "SAMPLE_CHUNK",
+    "SAMPLE_FIELDS",
+    "TOKEN_FIELDS",
+    "TOKEN_TABLE_CHUNK",
+    "ZSTD_LEVEL",
+    "ActivationStore",
+    "JoinedArray",
+    "JoinedStore",
+    "Phase",
+    "SampleRecord",
+    "StoreIncompleteError",
+    "StoreMismatchError",
+    "TokenBlock",
+    "dtype_name",
+    "estimate_store_bytes",
+    "group_meta",
+    "open_array",
+    "raw_dtype",
+    "read_json",
+    "store_meta",
+]
 
 
 class ActivationStore:
@@ -196,9 +104,7 @@ class ActivationStore:
     def open(cls, path: Path, *, allow_incomplete: bool = False) -> ActivationStore:
         """The store at `path`; a folder holding a parts index (sharded collect) opens as one joined store."""
         path = Path(path)
-        if (path / "parts.json").is_file():
-            from refusal_lab.store_parts import JoinedStore  # store_parts builds on this module
-
+        if is_parts_index(path):
             return JoinedStore.open_parts(path)
         if store_meta(path) is None:
             raise FileNotFoundError(f"store: {path} is not an activation store (no zarr group with {ATTRS_KEY} attrs)")
@@ -254,11 +160,222 @@ class ActivationStore:
         return {k: int(v) for k, v in self._manifest["overflow_counts"].items()}
 
 
-def estimate_store_bytes(
-    n_tokens: int, n_hooks: int, d_model: int, encoding: str, model_dtype: torch.dtype | None = None
-) -> int:
-    """Uncompressed size: activations plus the 13-byte token table row (samples are negligible)."""
-    if encoding not in ENCODINGS:
-        raise ConfigError(f"inference.store_dtype: {encoding!r} is not one of {', '.join(ENCODINGS)}")
-    width = 4 if encoding == "raw" and model_dtype == torch.float32 else 2
-    return n_tokens * (n_hooks * d_model * width + 13)
+class JoinedStore(ActivationStore):
+    """The parts of a sharded store read as one committed store, in the single run's row order.
+
+    Nothing is copied: `read` maps a range of global rows to one contiguous range per part
+    (consecutive global batches of one part are adjacent in it) and scatters them into place.
+    `acts(hook)` (the raw zarr array) has no joined equivalent; use `read`.
+    """
+
+    def __init__(self, path: Path, index: PartsIndex, parts: list[ActivationStore]) -> None:  # noqa: PLW0231
+        # No super().__init__: there is no single zarr group; every attribute the readers use is set here.
+        self.path = path
+        self.index = index
+        self.parts = parts
+        first = parts[0]
+        self.attrs = {k: v for k, v in first.attrs.items() if k != PART_ATTRS}
+        self.attrs["fingerprint"] = index.fingerprint
+        self.hook_points = list(first.hook_points)
+        self.d_model = first.d_model
+        self.encoding = first.encoding
+        self.fingerprint = index.fingerprint
+        self.complete = True
+        self._acts = {}
+        self._tokens = [p.tokens() for p in parts]
+        self._layout()
+
+    def _layout(self) -> None:
+        """Global batch k -> (part, local sample range, local token range), in global order."""
+        b, n, shards = self.index.batch_size, self.index.n_samples, self.index.shards
+        sample_seg: list[tuple[int, int, int]] = []
+        token_seg: list[tuple[int, int, int]] = []
+        local_sample = [0] * shards
+        local_token = [0] * shards
+        counts = []
+        for p, part in enumerate(self.parts):
+            ids = part.samples_column("sample_id")
+            tok_ids, tok_counts = np.unique(self._tokens[p]["sample_id"], return_counts=True)
+            per = dict(zip(tok_ids.tolist(), tok_counts.tolist(), strict=True))
+            counts.append(np.cumsum([0] + [per.get(s, 0) for s in ids.tolist()]))
+        for k in range(global_batches(n, b)):
+            p = k % shards
+            size = min(b, n - k * b)
+            s0 = local_sample[p]
+            t0, t1 = int(counts[p][s0]), int(counts[p][s0 + size])
+            sample_seg.append((p, s0, s0 + size))
+            token_seg.append((p, t0, t1))
+            local_sample[p] += size
+            local_token[p] = t1
+        for p, part in enumerate(self.parts):
+            if local_sample[p] != part.n_samples or local_token[p] != part.n_tokens:
+                raise StoreMismatchError(
+                    f"store: part {p} ({part.path}) holds {part.n_samples} samples and {part.n_tokens} tokens, "
+                    f"but the split expects {local_sample[p]} samples and {local_token[p]} tokens"
+                )
+        self._sample_seg = sample_seg
+        self._token_seg = token_seg
+        self._token_starts = np.cumsum([0] + [t1 - t0 for _, t0, t1 in token_seg])
+        self.n_samples = n
+        self.n_tokens = int(self._token_starts[-1])
+
+    @classmethod
+    def open_parts(cls, path: Path) -> JoinedStore:
+        path = Path(path)
+        index = PartsIndex.load(path)
+        problems: list[str] = []
+        parts: list[ActivationStore] = []
+        for shard in range(index.shards):
+            entry = index.parts.get(shard)
+            what = f"part {shard} of {index.shards}"
+            if entry is None:
+                command = part_command(index.shards, shard)
+                problems.append(f"{what} is missing (not registered in {index_path(path)}; {command} writes it)")
+                continue
+            part_path = Path(entry["path"])
+            try:
+                part = ActivationStore.open(part_path)
+            except FileNotFoundError:
+                problems.append(f"{what} is missing at {part_path} ({part_command(index.shards, shard)} writes it)")
+                continue
+            except StoreIncompleteError:
+                manifest = read_json(part_path / "manifest.json") or {}
+                problems.append(
+                    f"{what} at {part_path} is incomplete ({manifest.get('committed_samples', 0)} samples committed; "
+                    f"{part_command(index.shards, shard)} finishes it)"
+                )
+                continue
+            expected = part_fingerprint(index.fingerprint, index.shards, shard, index.batch_size)
+            own = part.attrs.get(PART_ATTRS)
+            if part.fingerprint != expected or own != part_attrs(
+                index.fingerprint, index.shards, shard, index.batch_size
+            ):
+                raise StoreMismatchError(
+                    f"store: {what} at {part_path} belongs to another run or split (fingerprint {part.fingerprint}, "
+                    f"attrs {own}); expected fingerprint {expected} under parent {index.fingerprint}"
+                )
+            parts.append(part)
+        if problems:
+            raise MissingPartError(
+                f"store: {path} (sharded, {index.shards} parts) cannot be read: " + "; ".join(problems)
+            )
+        for part in parts[1:]:
+            same = (part.hook_points, part.d_model, part.encoding) == (
+                parts[0].hook_points,
+                parts[0].d_model,
+                parts[0].encoding,
+            )
+            if not same:
+                raise StoreMismatchError(
+                    f"store: parts {parts[0].path} and {part.path} differ in hook points, d_model or encoding"
+                )
+        return cls(path, index, parts)
+
+    def acts(self, hook: str) -> Any:  # a JoinedArray: the zarr-array calls readers use, across the parts
+        """The stored (undecoded) values of `hook` across the parts, as a read-only array-like (see JoinedArray)."""
+        if hook not in self.hook_points:
+            raise KeyError(f"store: no hook point {hook!r} in {self.path}; it has {self.hook_points}")
+        return JoinedArray(self, hook)
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part, row inside the part) of each global token row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_tokens):
+            raise IndexError(f"store: rows outside the {self.n_tokens} tokens of {self.path}")
+        seg = np.searchsorted(self._token_starts, rows, side="right") - 1
+        part = np.array([p for p, _, _ in self._token_seg], dtype=np.int64)[seg]
+        first = np.array([t0 for _, t0, _ in self._token_seg], dtype=np.int64)[seg]
+        return part, first + rows - self._token_starts[seg]
+
+    def decode(self, hook: str, values: np.ndarray) -> np.ndarray:
+        return self.parts[0].decode(hook, values)
+
+    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """(part, part_start, part_stop, out_offset) pieces of global token rows [start, stop)."""
+        first = int(np.searchsorted(self._token_starts, start, side="right")) - 1
+        pieces = []
+        k = max(first, 0)
+        while k < len(self._token_seg) and self._token_starts[k] < stop:
+            p, t0, t1 = self._token_seg[k]
+            g0 = int(self._token_starts[k])
+            lo, hi = max(start, g0), min(stop, g0 + t1 - t0)
+            if hi > lo:
+                pieces.append((p, t0 + lo - g0, t0 + hi - g0, lo - start))
+            k += 1
+        return pieces
+
+    def read(self, hook: str, start: int, stop: int) -> np.ndarray:
+        if hook not in self.hook_points:
+            raise KeyError(f"store: no hook point {hook!r} in {self.path}; it has {self.hook_points}")
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"store: rows [{start}, {stop}) outside the {self.n_tokens} tokens of {self.path}")
+        out = np.empty((stop - start, self.d_model), dtype=np.float32)
+        pieces = self._pieces(start, stop)
+        # One contiguous read per part: a part's global batches inside [start, stop) are adjacent in it.
+        for p in sorted({piece[0] for piece in pieces}):
+            mine = [piece for piece in pieces if piece[0] == p]
+            lo, hi = mine[0][1], mine[-1][2]
+            rows = self.parts[p].read(hook, lo, hi)
+            for _, a, b, offset in mine:
+                out[offset : offset + b - a] = rows[a - lo : b - lo]
+        return out
+
+    def tokens(self) -> dict[str, np.ndarray]:
+        return {
+            name: np.concatenate([self._tokens[p][name][t0:t1] for p, t0, t1 in self._token_seg])
+            for name in self._tokens[0]
+        }
+
+    def samples(self) -> dict[str, np.ndarray | list]:
+        tables = [part.samples() for part in self.parts]
+        out: dict[str, np.ndarray | list] = {}
+        for name, dtype in SAMPLE_FIELDS.items():
+            pieces = [tables[p][name][s0:s1] for p, s0, s1 in self._sample_seg]
+            if dtype is str:
+                out[name] = [v for piece in pieces for v in piece]
+            else:
+                out[name] = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+        return out
+
+    def samples_column(self, name: str) -> np.ndarray:
+        return np.asarray(self.samples()[name])
+
+    def overflow_counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for part in self.parts:
+            for hook, n in part.overflow_counts().items():
+                total[hook] = total.get(hook, 0) + n
+        return total
+
+
+class JoinedArray:
+    """`JoinedStore.acts(hook)`: what callers of a single store's zarr array use, read across the parts.
+
+    Supports `[start:stop]` (rows) and `get_orthogonal_selection((rows, slice(None)))`, returning
+    the stored values (decode them with the store's `decode`), plus `shape`, `dtype` and `attrs`.
+    """
+
+    def __init__(self, store: JoinedStore, hook: str) -> None:
+        self._store = store
+        self._hook = hook
+        first = store.parts[0].acts(hook)
+        self.attrs = first.attrs
+        self.dtype = first.dtype
+        self.shape = (store.n_tokens, store.d_model)
+
+    def get_orthogonal_selection(self, selection: tuple[Any, ...]) -> np.ndarray:
+        rows, columns = selection
+        rows = np.asarray(rows, dtype=np.int64)
+        part, local = self._store.locate(rows)
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        for p in np.unique(part).tolist():
+            mine = np.flatnonzero(part == p)
+            order = np.argsort(local[mine], kind="stable")
+            picked = self._store.parts[p].acts(self._hook).get_orthogonal_selection((local[mine][order], slice(None)))
+            out[mine[order]] = np.asarray(picked)
+        return out[:, columns]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("JoinedArray: index rows with a slice, or use get_orthogonal_selection")
+        return self.get_orthogonal_selection((np.arange(self.shape[0])[key], slice(None)))

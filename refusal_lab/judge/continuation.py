@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from refusal_lab.generation import generate_greedy, left_pad
+
 
 def continue_responses(
     model: Any,
@@ -29,9 +31,6 @@ def continue_responses(
     settings: Any = None,
 ) -> list[list[int]]:
     """Each row's response token ids, continued greedily to `max_response_tokens` where the cap cut it off."""
-    from refusal_lab.collect_batches import left_pad  # collect imports this module
-    from refusal_lab.generation import generate_greedy
-
     cap = tokens_BM.shape[1]
     lengths = valid_BM.sum(-1).tolist()
     responses = [tokens_BM[row, : lengths[row]].tolist() for row in range(len(lengths))]

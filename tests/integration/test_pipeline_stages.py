@@ -7,8 +7,7 @@ from dataclasses import replace
 import pytest
 
 from refusal_lab.config import ConfigError, Stage
-from refusal_lab.pipeline import run
-from refusal_lab.stages import stage_specs
+from refusal_lab.pipeline import run, stage_specs
 from refusal_lab.store import StoreMismatchError
 from tests.integration.test_collect import make_cfg
 

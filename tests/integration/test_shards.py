@@ -21,8 +21,8 @@ from safetensors.numpy import load_file
 from refusal_lab.claims import UpstreamMissingError
 from refusal_lab.config import RunConfig, register_configs
 from refusal_lab.pipeline import run
-from refusal_lab.store import ActivationStore
-from refusal_lab.store_parts import JoinedStore, index_path
+from refusal_lab.store import ActivationStore, JoinedStore
+from refusal_lab.store_parts import index_path
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = 3

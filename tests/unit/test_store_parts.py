@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_lab.store import ActivationStore, Phase, SampleRecord, StoreMismatchError, TokenBlock
+from refusal_lab.store import ActivationStore, JoinedStore, Phase, SampleRecord, StoreMismatchError, TokenBlock
 from refusal_lab.store_parts import (
     PART_ATTRS,
-    JoinedStore,
     MissingPartError,
     index_path,
     part_attrs,
