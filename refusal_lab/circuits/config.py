@@ -43,6 +43,9 @@ class DiscoverySet(StrEnum):
     toxic = "toxic"  # toxic prompts vs harmless contrast
     safe = "safe"  # safe (scary-sounding but harmless) prompts vs harmless contrast
     over_refusal = "over_refusal"  # safe prompts the model refused vs safe prompts it answered
+    # toxic prompts the model refused vs toxic prompts it answered: same label, different behaviour, the
+    # real-model counterpart of over_refusal (on a weakly aligned model, what makes it refuse at all)
+    toxic_refused = "toxic_refused"
 
 
 class RefusedBy(StrEnum):
@@ -82,9 +85,15 @@ class CircuitsConfig:
     """Causal SAE-feature circuits for refusal (issue 9); the defaults are sized for the embedded organism."""
 
     sets: list[DiscoverySet] = field(
-        default_factory=lambda: [DiscoverySet.toxic, DiscoverySet.safe, DiscoverySet.over_refusal]
+        default_factory=lambda: [
+            DiscoverySet.toxic,
+            DiscoverySet.safe,
+            DiscoverySet.over_refusal,
+            DiscoverySet.toxic_refused,
+        ]
     )
-    """Discovery sets: toxic, safe (each vs harmless contrast) and over_refusal (safe refused vs safe answered)."""
+    """Discovery sets: toxic, safe (each vs harmless contrast), over_refusal (safe refused vs safe answered) and
+    toxic_refused (toxic refused vs toxic answered; skipped with its reason when either side is too small)."""
     hooks: list[str] = field(default_factory=list)
     """Hook points the circuits span (each needs an SAE); empty: every hook point of the run."""
     by_category: bool = True

@@ -4,11 +4,14 @@ Reads and writes nothing (the stage passes in the store's sample table).
 
 * toxic: every toxic prompt vs the harmless contrast;
 * safe: every safe prompt vs the harmless contrast;
-* over_refusal: the safe prompts the model refused vs the safe prompts it answered.
+* over_refusal: the safe prompts the model refused vs the safe prompts it answered;
+* toxic_refused: the toxic prompts the model refused vs the toxic prompts it answered (the same
+  label on both sides, so the contrast is the model's behaviour; a model that refuses every toxic
+  prompt, like the organism, leaves it skipped for want of answered ones).
 
 The harmless contrast is the run's harmless prompts, or `circuits.contrast_data` when given
 (or when the run has none). Per category, toxic and safe keep the pooled harmless contrast
-(it only defines the baseline), over_refusal uses the category's own answered safe prompts.
+(it only defines the baseline), over_refusal and toxic_refused use the category's own answered prompts.
 
 Each prompt goes to discovery or validation by a hash of its text (issue 8 item 6: duplicates
 land on the same side), so circuits are found on one part and validated on the other.
@@ -23,6 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refusal_lab.circuits.config import MIN_PROMPTS, DiscoverySet
+
+BEHAVIOUR_SETS = {DiscoverySet.over_refusal: "safe", DiscoverySet.toxic_refused: "toxic"}
+"""Sets that contrast refused with answered prompts of one label (the label each draws from)."""
 
 
 def text_hash(text: str) -> str:
@@ -109,7 +115,7 @@ def plan_sets(
 ) -> list[SetPlan]:
     """Every pooled set in `kinds`, then (with `by_category`) each category of each; skipped ones carry a reason.
 
-    `cap` bounds each part (discovery, validation) of a target side and of over_refusal's
+    `cap` bounds each part (discovery, validation) of a target side and of a behaviour set's
     answered side, `contrast_cap` each part of the harmless contrast.
     """
     labels = np.asarray(pool.labels)
@@ -120,11 +126,12 @@ def plan_sets(
     for kind in kinds:
         for category in [None, *(categories if by_category else [])]:
             in_cat = np.ones(len(labels), bool) if category is None else cats == category
-            if kind == DiscoverySet.over_refusal:
-                safe = (labels == "safe") & in_cat
-                target_idx = np.flatnonzero(safe & pool.refused).tolist()
-                contrast = split(np.flatnonzero(safe & ~pool.refused).tolist(), pool.prompts, share, cap)
-                what = ("refused safe", "answered safe")
+            if kind in BEHAVIOUR_SETS:
+                label = BEHAVIOUR_SETS[kind]
+                same = (labels == label) & in_cat
+                target_idx = np.flatnonzero(same & pool.refused).tolist()
+                contrast = split(np.flatnonzero(same & ~pool.refused).tolist(), pool.prompts, share, cap)
+                what = (f"refused {label}", f"answered {label}")
             else:
                 target_idx = np.flatnonzero((labels == kind.value) & in_cat).tolist()
                 contrast = harmless

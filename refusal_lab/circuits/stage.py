@@ -43,7 +43,7 @@ from refusal_lab.circuits.direction import directions_from_model
 from refusal_lab.circuits.edges import ERROR, edge_effects, hook_order, prune_edges, select_nodes
 from refusal_lab.circuits.held_out import ablation_summary, validate_circuit
 from refusal_lab.circuits.metric import MetricSpec, metric_spec, refusal_metric
-from refusal_lab.circuits.sets import PromptPool, SetPlan, plan_sets, split, text_hash
+from refusal_lab.circuits.sets import BEHAVIOUR_SETS, PromptPool, SetPlan, plan_sets, split, text_hash
 from refusal_lab.config import ConfigError, Positions, Stage
 from refusal_lab.fingerprint import fingerprint, write_json_atomic
 from refusal_lab.models import chat_format
@@ -384,8 +384,9 @@ class SetRunner:
         return out
 
     def harmless_validation(self, plan: SetPlan) -> list[int]:
-        """The held-out harmless prompts for KL (the harmless contrast's validation part)."""
-        if plan.kind != DiscoverySet.over_refusal:
+        """The held-out harmless prompts for KL (the harmless contrast's validation part; a behaviour set's
+        contrast is answered prompts of its own label, so it takes the run's harmless prompts)."""
+        if plan.kind not in BEHAVIOUR_SETS:
             return plan.contrast.validation
         idx = self.harmless
         return split(idx, self.pool.prompts, self.cfg.validation_share, self.cfg.contrast_limit).validation

@@ -13,7 +13,7 @@ from refusal_lab.report import plots
 from refusal_lab.report.html import Raw, esc, figure, fmt, note, pct, table
 from refusal_lab.report.sections import read_json, resolve
 
-SETS = ("toxic", "safe", "over_refusal")
+SETS = ("toxic", "safe", "over_refusal", "toxic_refused")
 GRAPH, VALIDATION, CARDS = "graph.json", "validation.json", "feature_cards.json"
 MAX_GRAPH_NODES = 40
 """The graph plot shows the strongest nodes only (by |effect|); the JSON holds all of them."""

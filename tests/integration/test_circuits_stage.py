@@ -17,6 +17,7 @@ import pytest
 
 from refusal_lab.circuits import stage as circuits_stage
 from refusal_lab.circuits.config import CircuitsConfig, DiscoverySet, MetricConfig, MetricKind
+from refusal_lab.circuits.sets import text_hash
 from refusal_lab.config import (
     ConfigError,
     DataConfig,
@@ -34,7 +35,7 @@ from refusal_lab.pipeline import run
 from refusal_lab.sae.config import SaeConfig
 
 
-def make_cfg(model_dir: Path, shared_data: Path, tmp: Path, **circuits) -> RunConfig:
+def make_cfg(model_dir: Path, shared_data: Path, tmp: Path, data_limit: int = 40, **circuits) -> RunConfig:
     contrast = {
         "source": "table",
         "path": str(shared_data / "refusal_direction" / "splits" / "harmless_train.json"),
@@ -45,7 +46,7 @@ def make_cfg(model_dir: Path, shared_data: Path, tmp: Path, **circuits) -> RunCo
         "limit": 24,
     }
     defaults = dict(
-        sets=[DiscoverySet.toxic, DiscoverySet.safe, DiscoverySet.over_refusal],
+        sets=[DiscoverySet.toxic, DiscoverySet.safe, DiscoverySet.over_refusal, DiscoverySet.toxic_refused],
         by_category=False,
         ig_steps=2,
         n_random=2,
@@ -65,7 +66,7 @@ def make_cfg(model_dir: Path, shared_data: Path, tmp: Path, **circuits) -> RunCo
             refusal_tokens=["▁I"],
         ),
         inference=InferenceConfig(batch_size="8", max_new_tokens=3),
-        data=DataConfig(source=DataSource.or_bench, path=str(shared_data / "or_bench"), limit=40),
+        data=DataConfig(source=DataSource.or_bench, path=str(shared_data / "or_bench"), limit=data_limit),
         sae=SaeConfig(expansion_factor=2, k=8, batch_size=256, epochs=1.0, ce_max_samples=4),
         circuits=CircuitsConfig(**{**defaults, **circuits}),
         tracking=TrackingConfig(wandb=WandbMode.disabled),
@@ -91,6 +92,13 @@ def test_whole_stage_on_tiny_models(kind, tiny_llama, tiny_mistral, shared_data,
     assert (
         circuits["over_refusal"]["status"] == "skipped" and "refused safe prompts" in circuits["over_refusal"]["reason"]
     )
+    assert circuits["toxic_refused"] == {
+        "status": "skipped",
+        "reason": "0 refused toxic prompts (fewer than 8)",
+        "method": "ig",
+        "n_prompts_discovery": 0,
+        "n_prompts_validation": 0,
+    }
     for name in ("toxic", "safe"):
         entry = circuits[name]
         assert entry["status"] == "ok", entry
@@ -110,6 +118,30 @@ def test_whole_stage_on_tiny_models(kind, tiny_llama, tiny_mistral, shared_data,
         assert np.isfinite(npz["effects"]).all()
         assert set(npz["labels"].tolist()) == {name}
         assert entry["ablation"]["n_random"] == 2
+
+
+def test_toxic_refused_runs_on_refused_vs_answered_toxic_prompts(tiny_llama, shared_data, tmp_path, monkeypatch):
+    # A random model refuses nothing; mark every other toxic prompt refused (by text hash) so both
+    # sides of toxic_refused exist, as on a weakly aligned real model.
+    real_load = circuits_stage.load_pool
+
+    def half_refused(ctx):
+        pool, contrast, responses = real_load(ctx)
+        toxic = np.asarray(pool.labels) == "toxic"
+        parity = np.asarray([int(text_hash(p)[-1], 16) % 2 == 0 for p in pool.prompts])
+        pool.refused = pool.refused | (toxic & parity)
+        return pool, contrast, responses
+
+    monkeypatch.setattr(circuits_stage, "load_pool", half_refused)
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path, sets=[DiscoverySet.toxic_refused], data_limit=80)
+    entry = run(cfg, tmp_path / "run", tmp_path)["circuits"]["toxic_refused"]
+    assert entry["status"] == "ok", entry
+    assert entry["n_contrast_discovery"] > 0 and entry["n_contrast_validation"] > 0
+    npz = np.load(Path(entry["folder"]) / "effects.npz")
+    assert set(npz["labels"].tolist()) == {"toxic"}
+    # The held-out KL is on harmless prompts, not on the answered toxic contrast.
+    assert entry["ablation"]["kl_harmless"] is not None
+    assert "toxic" in entry["ablation"]["refusal_rate_drop_by_label"]
 
 
 def test_killed_run_continues_after_the_last_committed_set_and_a_rerun_skips(

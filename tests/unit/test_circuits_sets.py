@@ -18,7 +18,10 @@ def _pool() -> PromptPool:
                 prompts.append(f"{label} {cat} prompt number {i}")
                 labels.append(label)
                 cats.append(cat)
-                refused.append(label == "toxic" or (label == "safe" and i % 2 == 0))
+                # Category a: 2 of 3 toxic prompts refused (so both sides of toxic_refused are large enough);
+                # category b: every toxic prompt refused (no answered ones: toxic_refused/b is skipped).
+                toxic_refused = cat == "b" or i % 3 != 0
+                refused.append(toxic_refused if label == "toxic" else label == "safe" and i % 2 == 0)
     return PromptPool(prompts, labels, cats, np.asarray(refused))
 
 
@@ -43,7 +46,8 @@ def test_sets_have_the_documented_targets_and_contrasts():
     labels, refused = np.asarray(pool.labels), pool.refused
     harmless = [i for i, lab in enumerate(pool.labels) if lab == "harmless"]
     plans = {p.name: p for p in plan_sets(pool, harmless, list(DiscoverySet), True, 0.5, None, None)}
-    assert set(plans) == {f"{k}{c}" for k in ("toxic", "safe", "over_refusal") for c in ("", "/a", "/b")}
+    kinds = ("toxic", "safe", "over_refusal", "toxic_refused")
+    assert set(plans) == {f"{k}{c}" for k in kinds for c in ("", "/a", "/b")}
     tox = plans["toxic"]
     assert {labels[i] for i in tox.target.discovery + tox.target.validation} == {"toxic"}
     assert {labels[i] for i in tox.contrast.discovery + tox.contrast.validation} == {"harmless"}
@@ -53,6 +57,16 @@ def test_sets_have_the_documented_targets_and_contrasts():
     assert all(labels[i] == "safe" and refused[i] for i in target)
     assert all(labels[i] == "safe" and not refused[i] for i in contrast)
     assert len(target) == 18 and len(contrast) == 18
+    # toxic_refused: the same label on both sides, split by what the model did.
+    tr = plans["toxic_refused"]
+    target = tr.target.discovery + tr.target.validation
+    contrast = tr.contrast.discovery + tr.contrast.validation
+    assert all(labels[i] == "toxic" and refused[i] for i in target)
+    assert all(labels[i] == "toxic" and not refused[i] for i in contrast)
+    assert len(target) == 20 + 6 and len(contrast) == 10
+    assert tr.skipped is None
+    per_cat = plans["toxic_refused/a"]
+    assert {pool.categories[i] for i in per_cat.target.discovery + per_cat.contrast.discovery} == {"a"}
 
 
 def test_small_sets_are_skipped_with_the_reason():
@@ -62,6 +76,12 @@ def test_small_sets_are_skipped_with_the_reason():
     assert plans["toxic"].skipped is None and plans["toxic/a"].skipped is None
     assert plans["toxic/b"].skipped == "6 toxic prompts (fewer than 8)"
     assert plans["over_refusal/b"].skipped == "3 refused safe prompts (fewer than 8)"
+    assert plans["toxic_refused/b"].skipped == "6 refused toxic prompts (fewer than 8)"
+    # A model that refuses every toxic prompt (the organism) leaves the pooled set skipped with its reason.
+    refused = pool.refused | (np.asarray(pool.labels) == "toxic")
+    all_refused = PromptPool(pool.prompts, pool.labels, pool.categories, refused)
+    plans = {p.name: p for p in plan_sets(all_refused, harmless, [DiscoverySet.toxic_refused], False, 0.5, None, None)}
+    assert plans["toxic_refused"].skipped == "0 answered toxic prompts (fewer than 8)"
 
 
 def test_caps_keep_the_lowest_hashes_per_part():
