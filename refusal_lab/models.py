@@ -1,12 +1,14 @@
 """Load a HF causal LM and its tokenizer, and turn prompts into chat-formatted token ids.
 
 Reads: a hub id (through the HF cache, honouring `cache_dir`, `revision`, offline flags) or a
-local folder; `organism` resolves to the tiny chat model shipped in `refusal_lab/organism/assets`.
-Writes nothing.
+local folder; `organism` resolves to the tiny chat model shipped in `refusal_lab/organism/assets`;
+`package:<module>` to an installed package's folder; with `model.gguf_file`, a GGUF checkpoint
+(refusal_lab.gguf_source), whose tokenizer and chat template come from the file. Writes nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from refusal_lab.config import EMBEDDED_MODEL, ModelConfig
 from refusal_lab.devices import resolve_device
 from refusal_lab.errors import ConfigError
+from refusal_lab.gguf_source import PACKAGE_PREFIX, check_gguf, gguf_path, package_dir
 from refusal_lab.hooks import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -28,9 +31,31 @@ ORGANISM_DIR = Path(__file__).resolve().parent / "organism" / "assets"
 _PLACEHOLDER = "\x00PROMPT\x00"
 
 
+def _named_path(cfg: ModelConfig) -> str:
+    if cfg.name == EMBEDDED_MODEL:
+        return str(ORGANISM_DIR)
+    return str(package_dir(cfg.name)) if cfg.name.startswith(PACKAGE_PREFIX) else cfg.name
+
+
+def gguf_source(cfg: ModelConfig) -> Path | None:
+    """The GGUF file `model.gguf_file` names (within the `model.name` folder, or a path); None without one."""
+    return gguf_path(_named_path(cfg), cfg.gguf_file) if cfg.gguf_file else None
+
+
 def resolve_model_path(cfg: ModelConfig) -> str:
-    """`organism` -> the shipped folder; anything else is passed to from_pretrained as is."""
-    return str(ORGANISM_DIR) if cfg.name == EMBEDDED_MODEL else cfg.name
+    """`organism` -> the shipped folder; `package:<module>` -> that package's folder; with a GGUF file, the file's
+    folder; anything else is passed to from_pretrained as is."""
+    gguf = gguf_source(cfg)
+    return str(gguf.parent) if gguf else _named_path(cfg)
+
+
+def source_kwargs(cfg: ModelConfig) -> dict:
+    """Extra from_pretrained arguments of the source: `gguf_file` (checked first: packages, file, architecture)."""
+    gguf = gguf_source(cfg)
+    if gguf is None:
+        return {}
+    check_gguf(gguf)
+    return {"gguf_file": gguf.name}
 
 
 def _offline(cfg: ModelConfig) -> bool:
@@ -47,6 +72,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
             cache_dir=cfg.cache_dir,
             trust_remote_code=cfg.trust_remote_code,
             local_files_only=_offline(cfg),
+            **source_kwargs(cfg),
         )
     except (OSError, ValueError) as err:
         raise ConfigError(
@@ -99,6 +125,7 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         trust_remote_code=cfg.trust_remote_code,
         local_files_only=_offline(cfg),
         dtype=dtype,
+        **source_kwargs(cfg),
     )
     if cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
@@ -109,12 +136,27 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
     if cfg.device_map is None:
         torch.nn.Module.to(model, resolve_device(cfg.device, "model.device"))  # HF types `.to` too narrowly for pyright
     model.eval()
+    if cfg.gguf_file:
+        # GGUF tensors are dequantised on load; the dtype they end up in is what every stage computes in.
+        log.info("model: %s dequantised from GGUF to %s", cfg.gguf_file, next(model.parameters()).dtype)
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise ConfigError(
             f"model.name: {cfg.name!r} ({type(model).__name__}) has no `model.model.layers`; "
             "refusal_lab supports decoder-only models laid out like Llama/Mistral"
         )
     return model
+
+
+def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model of the same class and config without GGUF's `quantization_config`:
+    transformers' `save_pretrained` refuses a GGUF-loaded model, the copy saves and reloads as safetensors."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = type(model)(config)
+    torch.nn.Module.to(plain, model.dtype)  # HF types `.to` too narrowly for pyright
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
 
 
 def n_layers(model: PreTrainedModel) -> int:
