@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from refusal_lab.circuits.config import CircuitsConfig
 from refusal_lab.devices import Device
+from refusal_lab.edit.config import EditConfig
 from refusal_lab.errors import ConfigError
 from refusal_lab.judge.config import JudgeConfig
 from refusal_lab.layers import parse_layer_spec
@@ -87,6 +88,7 @@ class Stage(StrEnum):
     judge = "judge"
     sae = "sae"
     circuits = "circuits"
+    edit = "edit"
     report = "report"
 
 
@@ -309,10 +311,11 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     sae: SaeConfig = field(default_factory=SaeConfig)
     circuits: CircuitsConfig = field(default_factory=CircuitsConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stages: list[Stage] = field(
-        default_factory=lambda: [Stage.collect, Stage.judge, Stage.sae, Stage.circuits, Stage.report]
+        default_factory=lambda: [Stage.collect, Stage.judge, Stage.sae, Stage.circuits, Stage.edit, Stage.report]
     )
     """Stages to run, in pipeline order; a stage whose committed result exists is skipped."""
     artifacts_dir: str = "artifacts"
@@ -357,5 +360,6 @@ def register_configs() -> None:
     cs.store(group="schema/judge", name="base", node=JudgeConfig, package="judge")
     cs.store(group="schema/sae", name="base", node=SaeConfig, package="sae")
     cs.store(group="schema/circuits", name="base", node=CircuitsConfig, package="circuits")
+    cs.store(group="schema/edit", name="base", node=EditConfig, package="edit")
     cs.store(group="schema/report", name="base", node=ReportConfig, package="report")
     cs.store(group="schema/tracking", name="base", node=TrackingConfig, package="tracking")

@@ -29,6 +29,7 @@ from refusal_lab.collect import plan_collect
 from refusal_lab.collect_spec import CollectStage
 from refusal_lab.config import ConfigError, RunConfig, Stage
 from refusal_lab.data import load_prompts_with_report
+from refusal_lab.edit.stage import EditStage
 from refusal_lab.fingerprint import fingerprint, write_json_atomic
 from refusal_lab.judge.spec import JudgeStage
 from refusal_lab.models import load_model, load_tokenizer
@@ -46,7 +47,7 @@ SUMMARY = "summary.json"
 
 def stage_specs() -> dict[Stage, StageSpec]:
     """Every implemented stage, in pipeline order (the Stage enum's order)."""
-    specs: list[StageSpec] = [CollectStage(), JudgeStage(), SaeStage(), CircuitsStage(), ReportStage()]
+    specs: list[StageSpec] = [CollectStage(), JudgeStage(), SaeStage(), CircuitsStage(), EditStage(), ReportStage()]
     order = list(Stage)
     return {spec.name: spec for spec in sorted(specs, key=lambda s: order.index(s.name))}
 

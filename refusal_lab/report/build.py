@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from refusal_lab.report import REPORT_HTML, circuits, comparison, sections
+from refusal_lab.report import REPORT_HTML, circuits, comparison, edit, sections
 from refusal_lab.report.html import note, page
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ SECTIONS: list[tuple[str, str, Section]] = [
     ("storage", "Storage & throughput", sections.storage),
     ("sae", "SAEs", sections.sae),
     ("circuits", "Circuits", circuits.circuits_section),
+    ("edit", "Over-refusal edit", edit.edit_section),
     ("comparison", "Category comparison", comparison.comparison_section),
     ("cards", "Feature cards", circuits.cards_section),
 ]
