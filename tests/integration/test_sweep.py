@@ -4,7 +4,9 @@ Runs the launchers of conf/hydra/launcher/ on the embedded organism (collect onl
 `local` (submitit_local) and `slurm` (submitit_slurm) on the single-node cluster that
 .ci/slurm.sh starts (sbatch, srun, slurmdbd accounting). Each sweep job must write its own
 summary.json in its own sweep subdir and its own store, and a SLURM job requeued mid-collect must
-resume from its store and still end the launcher's blocking call successfully.
+resume from its store and still end the launcher's blocking call successfully. Every sweep starts from a
+folder outside the clone (the test's tmp folder), as a user's does: the launchers must come from the install
+(issue 18). A sweep whose jobs fail must exit non-zero and name every failed job with its logs (issue 17).
 
 Without `sinfo` on PATH the SLURM tests skip, unless the env var CI is set (.ci/run starts SLURM
 there): then they fail.
@@ -27,7 +29,6 @@ from omegaconf import OmegaConf
 
 from refusal_lab.store import ActivationStore, Phase
 
-REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 COLLECT_ONLY = ["stages=[collect]", "tracking=disabled", "inference.max_new_tokens=4"]
 POSITIONS_SWEEP = [*COLLECT_ONLY, "data.limit=20", "inference.positions=last_prompt,post_instruction"]
@@ -74,7 +75,21 @@ def sweep_command(tmp: Path, *overrides: str) -> list[str]:
 
 def multirun(tmp: Path, *overrides: str, timeout: float) -> subprocess.CompletedProcess:
     cmd = sweep_command(tmp, *overrides)
-    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=tmp, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def check_failed_jobs_named(tmp: Path, result: subprocess.CompletedProcess, nums: list[int], total: int) -> str:
+    """The sweep exited non-zero and its error names each failed job, its log files and the job's own error."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert f"{len(nums)} of {total} jobs of the sweep failed" in output, output[-3000:]
+    logs = sorted((tmp / "sweep" / ".submitit").rglob("*_log.err"))
+    assert len(logs) == total, logs
+    for log in logs:
+        assert str(log) in output and str(log.with_name(log.name.replace(".err", ".out"))) in output, log
+    for num in nums:
+        assert f"  #{num} (" in output, (num, output[-3000:])
+    return output
 
 
 def job_dirs(sweep: Path) -> dict[int, Path]:
@@ -135,6 +150,16 @@ def test_local_launcher_runs_each_job_in_its_own_subdir(tmp_path):
     print(f"local sweep of 2 jobs: {time.perf_counter() - start:.1f} s")
 
 
+FAILING_SWEEP = [*COLLECT_ONLY[:2], "data.limit=4", "inference.max_new_tokens=-1,-2"]
+"""Two jobs that each fail in the job with a ConfigError (exit 2), not at compose time."""
+
+
+def test_local_sweep_with_failed_jobs_exits_non_zero_and_names_them(tmp_path):
+    result = multirun(tmp_path, "hydra/launcher=local", *FAILING_SWEEP, timeout=300)
+    output = check_failed_jobs_named(tmp_path, result, [0, 1], 2)
+    assert "inference.max_new_tokens: -2 is negative" in output, "the job's own error"
+
+
 UNSETTLED = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING")
 """sacct states after which the job runs (again): a requeued job's last run is not the job's end."""
 
@@ -179,6 +204,13 @@ def test_slurm_launcher_runs_the_sweep_through_sbatch(slurm, tmp_path):
     print(f"slurm sweep of 2 jobs ({', '.join(job_ids)}): {time.perf_counter() - start:.1f} s")
 
 
+@pytest.mark.slurm
+def test_slurm_sweep_with_failed_jobs_exits_non_zero_and_names_them(slurm, tmp_path):
+    result = multirun(tmp_path, *SLURM_LAUNCHER, *FAILING_SWEEP, timeout=300)
+    output = check_failed_jobs_named(tmp_path, result, [0, 1], 2)
+    assert "SLURM state FAILED" in output and "inference.max_new_tokens: -1 is negative" in output
+
+
 def committed_samples(artifacts: Path) -> int:
     for manifest in (artifacts / "collect").glob("*.zarr/manifest.json"):
         try:
@@ -198,7 +230,7 @@ def test_requeued_slurm_job_resumes_and_the_launcher_returns(slurm, tmp_path):
     )  # fmt: skip
     start = time.perf_counter()
     launcher_log = (tmp_path / "launcher.log").open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=launcher_log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=launcher_log, stderr=subprocess.STDOUT)
     job_id = None
     try:
         deadline = time.time() + 180
@@ -240,6 +272,43 @@ def test_requeued_slurm_job_resumes_and_the_launcher_returns(slurm, tmp_path):
         f"requeue at {requeued_at:.1f} s after {done} committed samples, resumed after {resumed[0]}; "
         f"total {time.perf_counter() - start:.1f} s"
     )
+
+
+@pytest.mark.slurm
+def test_slurm_job_failing_after_a_requeue_fails_the_sweep(slurm, tmp_path):
+    """Requeued mid-collect, the job's second run finds its prompts gone (a ConfigError, exit 2): the sweep fails."""
+    from refusal_lab.data import embedded_prompts_path
+
+    prompts = tmp_path / "prompts.jsonl"
+    shutil.copy(embedded_prompts_path(), prompts)
+    cmd = sweep_command(
+        tmp_path, *SLURM_LAUNCHER, *COLLECT_ONLY, f"data.path={prompts}", "data.limit=200",
+        "inference.batch_size=2", "inference.commit_tokens=1",
+    )  # fmt: skip
+    log_path = tmp_path / "launcher.log"
+    with log_path.open("w") as launcher_log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=launcher_log, stderr=subprocess.STDOUT)
+        job_id = None
+        try:
+            deadline = time.time() + 180
+            while committed_samples(tmp_path / "artifacts") == 0:
+                assert proc.poll() is None, "the sweep ended before the first commit: " + log_path.read_text()[-3000:]
+                assert time.time() < deadline, "no committed sample after 180 s"
+                time.sleep(0.2)
+            (folder,) = [d for d in (tmp_path / "sweep" / ".submitit").iterdir() if JOB_DIR.match(d.name)]
+            job_id = folder.name
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+            prompts.unlink()
+            proc.wait(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                if job_id is not None:
+                    subprocess.run(["scancel", job_id], timeout=30)
+    assert sacct_states(job_id, duplicates=True) == ["REQUEUED", "FAILED"], "the second run failed"
+    result = subprocess.CompletedProcess(cmd, proc.returncode, log_path.read_text(), "")
+    output = check_failed_jobs_named(tmp_path, result, [0], 1)
+    assert "SLURM state FAILED" in output and "is not a file" in output, output[-3000:]
 
 
 def squeue_tasks(array_id: str) -> list[str]:
@@ -285,7 +354,7 @@ def test_sharded_collect_array_then_sae_jobs_on_the_joined_store_with_a_requeued
     array_id = None
     try:
         procs["collect"] = subprocess.Popen(
-            collect_cmd, cwd=REPO, env=ENV, stdout=logs["collect"], stderr=subprocess.STDOUT
+            collect_cmd, cwd=tmp_path, env=ENV, stdout=logs["collect"], stderr=subprocess.STDOUT
         )
         deadline = time.time() + 240
         while array_id is None:
@@ -295,7 +364,7 @@ def test_sharded_collect_array_then_sae_jobs_on_the_joined_store_with_a_requeued
             assert time.time() < deadline, "the shard array was not submitted within 240 s"
             time.sleep(0.5)
         # The SAE array goes in behind the shards (it needs their parts): its tasks must wait, not fail.
-        procs["sae"] = subprocess.Popen(sae_cmd, cwd=REPO, env=ENV, stdout=logs["sae"], stderr=subprocess.STDOUT)
+        procs["sae"] = subprocess.Popen(sae_cmd, cwd=tmp_path, env=ENV, stdout=logs["sae"], stderr=subprocess.STDOUT)
         index_dir = next((tmp_path / "artifacts" / "collect").glob("*.zarr"), None)
         while index_dir is None or part_committed(index_dir, 1) == 0:
             assert procs["collect"].poll() is None, "the shards ended before shard 1's first commit"
