@@ -143,7 +143,7 @@ class BatchRunner:
                     category=prompt.category,
                     label=prompt.label,
                     response=response,
-                    refused=refused_by_rule(self.rule_judge, response, self.cfg.judge.partial_is_refused),
+                    refused=refused_by_rule(self.rule_judge, response, self.cfg.judge.partial_is_refused, prompt.text),
                     refusal_score=float(scores[row]),
                     n_prompt_tokens=len(rows[row]),
                     n_generated_tokens=int(n_generated[row]),

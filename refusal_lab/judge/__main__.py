@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("file", type=Path, help=".csv, .tsv, .json or .jsonl table")
     ev.add_argument("--text-column", required=True, help="column holding the model's response")
     ev.add_argument("--label-column", required=True, help="column holding the human label")
-    ev.add_argument("--prompt-column", default=None, help="column holding the prompt (llm/classifier judges)")
+    ev.add_argument(
+        "--prompt-column", default=None, help="column holding the prompt (llm/classifier; rule: its request check)"
+    )
     ev.add_argument("--judge", default="rule", choices=[j.value for j in JudgeName if j != JudgeName.score])
     ev.add_argument("--family", default="generic", help=f"rule judge phrasings: {', '.join(sorted(FAMILY_CUES))}")
     ev.add_argument("--model-name", default=None, help="derive --family from a model name (e.g. a hub id)")
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         judge = JudgeName(args.judge)
         if judge == JudgeName.rule:
             family = family_of(args.model_name) if args.model_name else args.family
-            codes = RuleJudge(family=family, extra_prefixes=tuple(prefixes)).judge_many(texts)
+            rule = RuleJudge(family=family, extra_prefixes=tuple(prefixes))
+            codes = rule.judge_many(texts, prompts if args.prompt_column else None)
         elif judge == JudgeName.keyword:
             if not prefixes:
                 raise ConfigError("--prefixes: the keyword judge needs at least one prefix")

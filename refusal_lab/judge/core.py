@@ -38,9 +38,9 @@ def rule_judge_for(cfg: JudgeConfig, model_name: str, refusal_prefixes: Sequence
     )
 
 
-def refused_by_rule(judge: RuleJudge, response: str, partial_is_refused: bool) -> bool:
-    """The binary view of one rule judgement (the store's `refused` column)."""
-    return bool(binary_view(np.array([judge.code(response)]), partial_is_refused)[0])
+def refused_by_rule(judge: RuleJudge, response: str, partial_is_refused: bool, prompt: str = "") -> bool:
+    """The binary view of one rule judgement of a response to `prompt` (the store's `refused` column)."""
+    return bool(binary_view(np.array([judge.code(response, prompt)]), partial_is_refused)[0])
 
 
 def keyword_codes(responses: Sequence[str], prefixes: Sequence[str]) -> np.ndarray:

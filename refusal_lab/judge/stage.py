@@ -148,7 +148,7 @@ def run_judges(
             if name == JudgeName.keyword:
                 judged = keyword_codes(responses, refusal_prefixes)
             elif name == JudgeName.rule:
-                judged = rule_judge_for(cfg, model_name, refusal_prefixes).judge_many(responses)
+                judged = rule_judge_for(cfg, model_name, refusal_prefixes).judge_many(responses, prompts)
             elif name == JudgeName.score:
                 threshold = cfg.score_threshold
                 if threshold is None:
@@ -279,12 +279,15 @@ def refused_labels(
             f"circuits.refused_by: {len(candidates)} {name.value} judgements of store {store.fingerprint} in {root} "
             f"({[c[1]['fingerprint'] for c in candidates]}); pass the judge config to choose one"
         )
-    responses = [str(r) for r in store.samples()["response"]]
+    samples = store.samples()
+    responses = [str(r) for r in samples["response"]]
     if name == JudgeName.keyword:
         return binary_view(keyword_codes(responses, prefixes))
     if name == JudgeName.rule:
+        prompts = [str(p) for p in samples["prompt"]]
         return binary_view(
-            rule_judge_for(judge_cfg, model_name, prefixes).judge_many(responses), judge_cfg.partial_is_refused
+            rule_judge_for(judge_cfg, model_name, prefixes).judge_many(responses, prompts),
+            judge_cfg.partial_is_refused,
         )
     raise ConfigError(
         f"circuits.refused_by: no {name.value} judgement of store {store.fingerprint} in {root}; run the judge "

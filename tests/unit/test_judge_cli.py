@@ -14,11 +14,15 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "judge_fixture.csv"
 
 def test_eval_on_the_fixture_reports_perfect_rule_judge(tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = main(["eval", str(FIXTURE), "--text-column", "response", "--label-column", "label", "--json", str(out)])
-    assert code == 0
+    args = ["eval", str(FIXTURE), "--text-column", "response", "--label-column", "label", "--json", str(out)]
+    assert main([*args, "--prompt-column", "prompt"]) == 0
     report = json.loads(out.read_text())
     assert report["judge"] == "rule" and report["accuracy"] == 1.0
-    assert sum(map(sum, report["confusion"])) == report["n"] >= 36
+    assert sum(map(sum, report["confusion"])) == report["n"] >= 70
+    # Without the prompts the request check cannot run: the answer that opens "X is illegal and harmful" and
+    # explains X in other words reads as a refusal.
+    assert main(args) == 0
+    assert json.loads(out.read_text())["accuracy"] < 1.0
     text = capsys.readouterr().out
     assert "partial_refusal" in text and "accuracy 1.000" in text
 
