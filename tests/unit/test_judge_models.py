@@ -152,21 +152,36 @@ class KeywordLlm(torch.nn.Module):
         self.tokenizer = tokenizer
         self.labels = [tokenizer.encode(text, add_special_tokens=False) for text, _ in LABELS[PromptStyle.xstest]]
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
-        for i, row in enumerate(input_ids.tolist()):
-            text = self.tokenizer.decode(row).lower()
-            chosen = self.labels[2 if "anyway" in text else 1 if "nope" in text else 0]
-            if row[-len(chosen) :] == chosen:  # this row continues with the chosen label: predict it
-                for t in range(len(row) - len(chosen) - 1, len(row) - 1):
-                    logits[i, t, row[t + 1]] = 30.0
-
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         class Out:
             pass
 
         out = Out()
+        if use_cache:  # the shared prompt prefix: its "cache" is its text
+            out.past_key_values = TextCache(self.tokenizer.decode(input_ids[0].tolist()))  # type: ignore[attr-defined]
+            return out
+        seen = past_key_values.text if past_key_values is not None else ""
+        logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
+        width = input_ids.shape[1]
+        for i, row in enumerate(input_ids.tolist()):
+            row = row[: int(attention_mask[i, -width:].sum())]  # right-padded rows: the real tokens
+            text = (seen + self.tokenizer.decode(row)).lower()
+            chosen = self.labels[2 if "anyway" in text else 1 if "nope" in text else 0]
+            if row[-len(chosen) :] == chosen:  # this row continues with the chosen label: predict it
+                for t in range(len(row) - len(chosen) - 1, len(row) - 1):
+                    logits[i, t, row[t + 1]] = 30.0
         out.logits = logits  # type: ignore[attr-defined]
         return out
+
+
+class TextCache:
+    """What KeywordLlm remembers of the prefix it was run on: the prefix's text, the same for every row."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        return None
 
 
 def test_llm_judge_gives_each_class_on_constructed_responses(chat_model_dir, tmp_path, monkeypatch):
