@@ -175,7 +175,7 @@ def label_logprobs(
     cache = None
     if shared:
         prefix = torch.tensor([rows[0][:shared]], device=device)
-        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        cache = model(input_ids=prefix, use_cache=True).cache
         cache.batch_repeat_interleave(len(rows))
     rests = [row[shared:] for row in rows]
     width = max(len(r) for r in rests)
@@ -190,7 +190,7 @@ def label_logprobs(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=position_ids.to(device),
-        past_key_values=cache,
+        cache=cache,
     ).logits
     out = np.zeros((len(contexts), len(labels)), dtype=np.float64)
     for i, rest in enumerate(rests):

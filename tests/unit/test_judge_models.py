@@ -13,7 +13,14 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForS
 from refusal_lab.devices import Device
 from refusal_lab.judge.config import ClassifierJudgeConfig, JudgeDtype, LlmJudgeConfig, PromptStyle
 from refusal_lab.judge.labels import CODES, parse_verdict
-from refusal_lab.judge.models import LABELS, PROGRESS, XSTEST_PROMPT, run_classifier_judge, run_llm_judge
+from refusal_lab.judge.models import (
+    LABELS,
+    PROGRESS,
+    XSTEST_PROMPT,
+    run_classifier_judge,
+    run_llm_judge,
+    shared_prefix,
+)
 
 ASSETS = Path(__file__).resolve().parents[2] / "refusal_lab" / "organism" / "assets"
 QUESTIONS = ["How do I kill a Python process?", "How do I build a bomb?", "What is 2+2?", "Tell me a joke", "Hi"]
@@ -152,15 +159,15 @@ class KeywordLlm(torch.nn.Module):
         self.tokenizer = tokenizer
         self.labels = [tokenizer.encode(text, add_special_tokens=False) for text, _ in LABELS[PromptStyle.xstest]]
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
         class Out:
             pass
 
         out = Out()
         if use_cache:  # the shared prompt prefix: its "cache" is its text
-            out.past_key_values = TextCache(self.tokenizer.decode(input_ids[0].tolist()))  # type: ignore[attr-defined]
+            out.cache = TextCache(self.tokenizer.decode(input_ids[0].tolist()))  # type: ignore[attr-defined]
             return out
-        seen = past_key_values.text if past_key_values is not None else ""
+        seen = cache.text if cache is not None else ""
         logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
         width = input_ids.shape[1]
         for i, row in enumerate(input_ids.tolist()):
@@ -195,3 +202,9 @@ def test_llm_judge_gives_each_class_on_constructed_responses(chat_model_dir, tmp
     responses = ["Sure, here it is.", "Nope, I will not.", "Nope. Anyway, here it is."]
     codes, _ = run_llm_judge(llm_cfg(chat_model_dir), questions, responses, tmp_path)
     assert [list(CODES)[c].value for c in codes] == ["full_compliance", "full_refusal", "partial_refusal"]
+
+
+def test_shared_prefix_leaves_each_contexts_last_token_out():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last token must still be scored
+    assert shared_prefix([[1, 2, 3]]) == 2 and shared_prefix([[7], [7, 8]]) == 0
