@@ -133,6 +133,10 @@ def load_model(cfg: ModelConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load {cfg.name!r} ({err.__class__.__name__}: {err})") from err
+    if cfg.gguf_file and cfg.device_map is None:
+        # transformers keeps a GGUF-loaded model marked as quantised and refuses to save_pretrained it (the edit
+        # stage saves its edited checkpoint that way): the stages get the same weights in a plain model.
+        model = plain_copy(model)
     if cfg.device_map is None:
         torch.nn.Module.to(model, resolve_device(cfg.device, "model.device"))  # HF types `.to` too narrowly for pyright
     model.eval()
@@ -156,6 +160,7 @@ def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
     plain = type(model)(config)
     torch.nn.Module.to(plain, model.dtype)  # HF types `.to` too narrowly for pyright
     plain.load_state_dict(model.state_dict())
+    plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.eval()
 
 

@@ -29,7 +29,7 @@ from refusal_lab.circuits.batches import PromptBatch, make_text_batches
 from refusal_lab.circuits.direction import directions_from_model
 from refusal_lab.circuits.sets import split
 from refusal_lab.circuits.spliced import forward_batch
-from refusal_lab.circuits.stage import circuit_hooks, load_pool
+from refusal_lab.circuits.stage import SET_MARKER, circuit_hooks, load_pool
 from refusal_lab.circuits.validate import active_features, random_node_sets
 from refusal_lab.config import ConfigError, Stage
 from refusal_lab.edit.config import ALGORITHM_VERSION, OUTPUT_NEUTRAL_FIELDS
@@ -101,6 +101,17 @@ def check_inputs(ctx: RunContext) -> None:
         raise ConfigError(f"edit.source: {path} does not exist; add circuits to stages or give another source")
 
 
+def source_skipped(path: Path) -> str | None:
+    """Why the source circuit is missing when the circuits stage skipped its set (its set.json says so), else None."""
+    marker = path.parent / SET_MARKER
+    if path.name != "graph.json" or path.is_file() or not marker.is_file():
+        return None
+    entry = json.loads(marker.read_text())
+    if entry.get("status") != "skipped":
+        return None
+    return f"edit.source: the circuits stage skipped the set {path.parent.name!r}: {entry.get('reason')}"
+
+
 def load_nodes(path: Path, hooks: list[str], max_features: int | None) -> dict[str, list[int]]:
     """hook -> features from a nodes JSON (graph.json layout), in file order, filtered and capped."""
     if not path.is_file():
@@ -148,6 +159,12 @@ def run_edit(ctx: RunContext, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = ctx.cfg.edit
     path = source_path(ctx)
+    skipped = source_skipped(path)
+    if skipped is not None:  # e.g. over_refusal on a model that refuses too few safe prompts (SmolLM2)
+        entry = {"status": "skipped", "reason": skipped, "source": str(path)}
+        log.info("edit: skipped: %s", skipped)
+        write_json_atomic(done, entry)
+        return entry
     nodes = load_nodes(path, list(cfg.hooks), cfg.max_features)
     model = ctx.model()
     model.eval()

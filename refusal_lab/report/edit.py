@@ -35,6 +35,8 @@ def edit_table_rows(entry: dict[str, Any]) -> list[list[Any]]:
 
 def edit_section(summary: dict[str, Any], run_dir: Path) -> str:
     entry = summary.get("edit")
+    if entry and entry.get("status") == "skipped":
+        return note(f"The edit stage was skipped: {entry.get('reason')}")
     if not entry or "table" not in entry:
         return note("The edit stage did not run (add edit to stages).")
     n = entry.get("n_prompts", {})

