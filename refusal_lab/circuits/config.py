@@ -58,6 +58,15 @@ class RefusedBy(StrEnum):
     llm = "llm"
     classifier = "classifier"
 
+    @property
+    def needs_judge_stage(self) -> bool:
+        """Whether these labels exist only as the judge stage's artifact, so that stage is an input of circuits.
+
+        keyword and rule are recomputed from the store's responses when no judgement is committed
+        (refusal_lab.judge.refused_labels); score, llm and classifier are not.
+        """
+        return self in (RefusedBy.score, RefusedBy.llm, RefusedBy.classifier)
+
 
 @dataclass
 class MetricConfig:
