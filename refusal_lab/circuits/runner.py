@@ -23,8 +23,9 @@ from refusal_lab.circuits.describe import top_features, top_prompt_tokens
 from refusal_lab.circuits.direction import directions_from_model
 from refusal_lab.circuits.edges import ERROR, edge_effects, hook_order, prune_edges, select_nodes
 from refusal_lab.circuits.held_out import ablation_summary, validate_circuit
-from refusal_lab.circuits.metric import MetricSpec, metric_spec, refusal_metric
+from refusal_lab.circuits.metric import MetricSpec, logits_needed, metric_spec, refusal_metric
 from refusal_lab.circuits.sets import BEHAVIOUR_SETS, PromptPool, SetPlan, split, text_hash
+from refusal_lab.circuits.size import model_faithfulness, search_size
 from refusal_lab.fingerprint import write_json_atomic
 from refusal_lab.models import chat_format
 from refusal_lab.refusal import keyword_refusal
@@ -86,7 +87,7 @@ class SetRunner:
         batches = self.batches(plan.target.discovery)
         effects = self.effects(plan, batches, baseline)
         means = {h: effects.mean_feats(h) for h in effects.hooks}
-        nodes = select_nodes(means, cfg.node_threshold, cfg.node_share, cfg.circuit_size)
+        nodes, size = self.choose_nodes(means, batches, baseline)
         # The faithfulness curve may run past the circuit (a 32-feature circuit can be necessary without
         # being sufficient); the circuit is always a prefix of this ranking.
         ranking = select_nodes(means, 0.0, 1.0, max([*cfg.faithfulness_sizes, len(nodes)]))
@@ -125,12 +126,39 @@ class SetRunner:
             "top_features": top_features(effects, nodes, self.tokenizer, cfg.top_features),
             "top_prompt_tokens": top_prompt_tokens(effects, self.tokenizer, cfg.top_prompt_tokens),
             **{k: validation.get(k) for k in ("faithfulness", "faithfulness_curve", "completeness")},
+            "size": {
+                **size,
+                "faithfulness": validation.get("faithfulness"),
+                "completeness": validation.get("completeness"),
+            },
             "ablation": ablation_summary(validation),
             "metric_random": _metric_random(validation),
             "folder": str(folder),
             "seconds": time.perf_counter() - t0,
         }
         return entry
+
+    def choose_nodes(
+        self, means: dict[str, np.ndarray], batches: list[PromptBatch], baseline: Baseline
+    ) -> tuple[list[tuple[str, int, float]], dict[str, Any]]:
+        """The circuit's nodes, strongest first, and the summary's `size` entry: by the faithfulness target on
+        the discovery prompts (refusal_lab.circuits.size), or the fixed count when the target is null."""
+        cfg = self.cfg
+        if cfg.faithfulness_target is None:
+            nodes = select_nodes(means, cfg.node_threshold, cfg.node_share, cfg.circuit_size)
+            return nodes, {"rule": "fixed", "target": None, "n_nodes": len(nodes), "met": None}
+        candidates = select_nodes(means, cfg.node_threshold, 1.0, cfg.max_circuit_size)
+        faithfulness_of = model_faithfulness(
+            self.model,
+            self.saes,
+            baseline,
+            batches,
+            [(h, f) for h, f, _ in candidates],
+            lambda logits, batch: refusal_metric(logits, batch, self.spec),
+            logits_to_keep=lambda batch: logits_needed(batch, self.spec),
+        )
+        search = search_size(faithfulness_of, len(candidates), cfg.faithfulness_target)
+        return candidates[: search.size], search.to_json()
 
     def effects(self, plan: SetPlan, batches: list[PromptBatch], baseline: Baseline) -> NodeEffects:
         """Node effects of the set's discovery prompts; a category reuses its pooled set's rows (same prompts,
