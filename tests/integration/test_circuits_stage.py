@@ -53,6 +53,7 @@ def make_cfg(model_dir: Path, shared_data: Path, tmp: Path, data_limit: int = 40
         faithfulness_sizes=[2, 4],
         max_new_tokens=2,
         circuit_size=8,
+        max_circuit_size=8,  # the faithfulness-target search (default 0.8) within the top 8
         contrast_data=contrast,
         contrast_limit=12,
         batch_size=16,
@@ -85,7 +86,8 @@ def _no_nan(text: str) -> object:
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_whole_stage_on_tiny_models(kind, tiny_llama, tiny_mistral, shared_data, tmp_path):
     model_dir = tiny_llama if kind == "llama" else tiny_mistral
-    cfg = make_cfg(model_dir, shared_data, tmp_path)
+    target = 0.8 if kind == "llama" else None  # mistral: the fixed count circuit_size (target null)
+    cfg = make_cfg(model_dir, shared_data, tmp_path, faithfulness_target=target)
     summary = run(cfg, tmp_path / "run", tmp_path)
     _no_nan((tmp_path / "run" / "summary.json").read_text())
     circuits = summary["circuits"]
@@ -104,6 +106,15 @@ def test_whole_stage_on_tiny_models(kind, tiny_llama, tiny_mistral, shared_data,
         assert entry["status"] == "ok", entry
         assert entry["n_prompts_discovery"] > 0 and entry["n_prompts_validation"] > 0
         assert 0 < entry["n_nodes"] <= 8
+        size = entry["size"]
+        assert size["target"] == target and size["n_nodes"] == entry["n_nodes"]
+        assert size["faithfulness"] == entry["faithfulness"] and size["completeness"] == entry["completeness"]
+        if target is None:
+            assert size["rule"] == "fixed" and size["met"] is None
+        else:
+            assert size["rule"] == "faithfulness_target"
+            assert size["faithfulness_discovery"] == size["searched"][str(entry["n_nodes"])]
+            assert size["met"] == (size["faithfulness_discovery"] >= target) and (size["reason"] is None) == size["met"]
         folder = Path(entry["folder"])
         graph = _no_nan((folder / "graph.json").read_text())
         assert isinstance(graph, dict)
