@@ -18,13 +18,13 @@ import torch
 from refusal_lab.circuits.attribution import NodeEffects, node_effects, top_activations
 from refusal_lab.circuits.baseline import Baseline, mean_baseline, zero_baseline
 from refusal_lab.circuits.batches import PromptBatch, make_text_batches, prefix_token_count
-from refusal_lab.circuits.config import BaselineKind, CircuitsConfig
+from refusal_lab.circuits.config import BaselineKind, CircuitsConfig, DiscoverySet
 from refusal_lab.circuits.describe import top_features, top_prompt_tokens
 from refusal_lab.circuits.direction import directions_from_model
 from refusal_lab.circuits.edges import ERROR, edge_effects, hook_order, prune_edges, select_nodes
 from refusal_lab.circuits.held_out import ablation_summary, validate_circuit
 from refusal_lab.circuits.metric import MetricSpec, logits_needed, metric_spec, refusal_metric
-from refusal_lab.circuits.sets import BEHAVIOUR_SETS, PromptPool, SetPlan, split, text_hash
+from refusal_lab.circuits.sets import BEHAVIOUR_SETS, PromptPool, SetPlan, plan_sets, split, text_hash
 from refusal_lab.circuits.size import model_faithfulness, search_size
 from refusal_lab.fingerprint import write_json_atomic
 from refusal_lab.models import chat_format
@@ -164,6 +164,13 @@ class SetRunner:
         """Node effects of the set's discovery prompts; a category reuses its pooled set's rows (same prompts,
         same split, same baseline), so only its top activations take a forward pass."""
         key = (plan.kind.value, *plan.contrast.discovery)
+        if key not in self._effects and not plan.pooled:
+            # Resumed after an earlier process committed the pooled set: compute the pooled effects again, as
+            # an uninterrupted run has them. The category's own batches give other floats (the batch changes
+            # the order of the sums, ~1e-7), and a rerun must end with an uninterrupted run's files.
+            pooled = self.pooled_plan(plan.kind)
+            if pooled.skipped is None and pooled.contrast.discovery == plan.contrast.discovery:
+                self.effects(pooled, self.batches(pooled.target.discovery), baseline)
         cached = self._effects.get(key)
         if cached is not None and all(i in cached[0] for i in plan.target.discovery):
             rows = [cached[0][i] for i in plan.target.discovery]
@@ -173,6 +180,14 @@ class SetRunner:
         if plan.pooled:
             self._effects[key] = ({i: r for r, i in enumerate(plan.target.discovery)}, effects)
         return effects
+
+    def pooled_plan(self, kind: DiscoverySet) -> SetPlan:
+        """The pooled set of `kind` as the stage plans it (refusal_lab.circuits.sets.plan_sets)."""
+        cfg = self.cfg
+        plans = plan_sets(
+            self.pool, self.harmless, [kind], False, cfg.validation_share, cfg.max_prompts, cfg.contrast_limit
+        )
+        return plans[0]
 
     def validate(
         self,
