@@ -73,15 +73,25 @@ def _selected(cfg: RunConfig, specs: dict[Stage, StageSpec]) -> list[StageSpec]:
     return [spec for name, spec in specs.items() if name in cfg.stages]
 
 
-def _upstream(spec: StageSpec, specs: dict[Stage, StageSpec]) -> list[Stage]:
+def stage_inputs(spec: StageSpec, cfg: RunConfig) -> tuple[Stage, ...]:
+    """The stages `spec` reads: its declared `inputs`, and those a setting adds.
+
+    circuits.refused_by=score|llm|classifier reads labels that only the judge stage makes, so the judge
+    stage is then an input of circuits and is verified with the other upstreams before any model loads.
+    """
+    extra = (Stage.judge,) if spec.name == Stage.circuits and cfg.circuits.refused_by.needs_judge_stage else ()
+    return (*spec.inputs, *extra)
+
+
+def _upstream(spec: StageSpec, specs: dict[Stage, StageSpec], cfg: RunConfig) -> list[Stage]:
     """Every stage `spec` reads from, directly or through another input (pipeline order)."""
     seen: set[Stage] = set()
-    todo = list(spec.inputs)
+    todo = list(stage_inputs(spec, cfg))
     while todo:
         name = todo.pop()
         if name not in seen:
             seen.add(name)
-            todo.extend(specs[name].inputs)
+            todo.extend(stage_inputs(specs[name], cfg))
     return [name for name in specs if name in seen]
 
 
@@ -110,7 +120,7 @@ def plan_stages(cfg: RunConfig, ctx: RunContext) -> list[StageSpec]:
     _fingerprint_all(ctx, specs)
     verified: set[Stage] = set()
     for spec in selected:
-        for name in _upstream(spec, specs):
+        for name in _upstream(spec, specs, cfg):
             if name not in cfg.stages and name not in verified:
                 # Waits while another job (running, or queued) claims the artifact; fails at once otherwise.
                 verify = functools.partial(specs[name].verify, ctx)

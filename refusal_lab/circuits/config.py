@@ -12,7 +12,7 @@ from typing import Any
 
 from refusal_lab.errors import ConfigError
 
-ALGORITHM_VERSION = 2  # 2: feature -> feature edges through the encoder output (were all zero)
+ALGORITHM_VERSION = 3  # 3: circuit size by a faithfulness target; 2: feature -> feature edges through the encoder
 """Bump whenever the circuits stage's output changes for the same config and inputs."""
 
 MIN_PROMPTS = 8
@@ -57,6 +57,15 @@ class RefusedBy(StrEnum):
     score = "score"
     llm = "llm"
     classifier = "classifier"
+
+    @property
+    def needs_judge_stage(self) -> bool:
+        """Whether these labels exist only as the judge stage's artifact, so that stage is an input of circuits.
+
+        keyword and rule are recomputed from the store's responses when no judgement is committed
+        (refusal_lab.judge.refused_labels); score, llm and classifier are not.
+        """
+        return self in (RefusedBy.score, RefusedBy.llm, RefusedBy.classifier)
 
 
 @dataclass
@@ -115,8 +124,15 @@ class CircuitsConfig:
     """At most this many contrast prompts (seeded subsample): they only feed the mean baseline."""
     validation_share: float = 0.5
     """Share of each set's prompts (by prompt-text hash) held out for validation."""
+    faithfulness_target: float | None = 0.8
+    """Circuit size: the fewest top-ranked features whose faithfulness on the set's discovery prompts reaches
+    this (doubling, then bisection; refusal_lab.circuits.size), at most max_circuit_size; node_threshold still
+    applies, node_share does not. null: the fixed size circuit_size (after node_threshold/node_share)."""
+    max_circuit_size: int = 512
+    """faithfulness_target: the largest circuit searched (a set that does not reach the target keeps its best)."""
     circuit_size: int = 32
-    """Most SAE features in a saved circuit (after the node threshold/share)."""
+    """faithfulness_target null: most SAE features in a saved circuit (after the node threshold/share). Also the
+    per-category pool size of effects.npz."""
     node_threshold: float = 0.0
     """A node needs |mean effect| above this to survive."""
     node_share: float = 0.95
@@ -160,6 +176,13 @@ class CircuitsConfig:
             errors.append(f"circuits.validation_share: {self.validation_share} must be in (0, 1)")
         if self.circuit_size < 1:
             errors.append(f"circuits.circuit_size: {self.circuit_size} must be >= 1")
+        target = self.faithfulness_target
+        if target is not None and not 0 < target <= 1:
+            errors.append(
+                f"circuits.faithfulness_target: {target} must be in (0, 1], or null for the fixed size circuit_size"
+            )
+        if self.max_circuit_size < 1:
+            errors.append(f"circuits.max_circuit_size: {self.max_circuit_size} must be >= 1")
         for key in ("node_share", "edge_share"):
             value = getattr(self, key)
             if not 0 < value <= 1:

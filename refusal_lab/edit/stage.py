@@ -27,9 +27,10 @@ from transformers import AutoModelForCausalLM
 
 from refusal_lab.circuits.batches import PromptBatch, make_text_batches
 from refusal_lab.circuits.direction import directions_from_model
+from refusal_lab.circuits.inputs import circuit_hooks, load_pool
 from refusal_lab.circuits.sets import split
 from refusal_lab.circuits.spliced import forward_batch
-from refusal_lab.circuits.stage import SET_MARKER, circuit_hooks, load_pool
+from refusal_lab.circuits.stage import SET_MARKER
 from refusal_lab.circuits.validate import active_features, random_node_sets
 from refusal_lab.config import ConfigError, Stage
 from refusal_lab.edit.config import ALGORITHM_VERSION, OUTPUT_NEUTRAL_FIELDS

@@ -101,7 +101,7 @@ def _commit(folder: Path, codes: np.ndarray, meta: dict[str, Any]) -> None:
     write_json_atomic(folder / JUDGEMENT, {**meta, "complete": True})  # the commit marker, written last
 
 
-def _order(judges: Sequence[JudgeName], cfg: JudgeConfig) -> list[JudgeName]:
+def judges_to_run(judges: Sequence[JudgeName], cfg: JudgeConfig) -> list[JudgeName]:
     """Score last, and its calibration reference before it even when not listed."""
     names = [j for j in judges if j != JudgeName.score]
     if JudgeName.score in judges:
@@ -130,7 +130,7 @@ def run_judges(
     codes: dict[str, np.ndarray] = {}
     entries: dict[str, Any] = {}
     calibration: dict[str, Any] | None = None
-    for name in _order(cfg.judges, cfg):
+    for name in judges_to_run(cfg.judges, cfg):
         fp = judgement_fingerprint(store.fingerprint, name, cfg, model_name, refusal_prefixes)
         folder = root / fp
         found = load_judgement(folder)

@@ -24,6 +24,7 @@ from refusal_lab.circuits.direction import (
     projection_interventions,
 )
 from refusal_lab.circuits.held_out import ablation_summary, validate_circuit
+from refusal_lab.circuits.size import model_faithfulness, search_size
 from refusal_lab.circuits.spliced import forward_batch, spliced
 from refusal_lab.circuits.validate import metric_validation
 from refusal_lab.store import ActivationStore, Phase, SampleRecord, TokenBlock
@@ -96,6 +97,27 @@ def test_metric_validation_faithfulness_completeness_and_random_sets(model, pad_
     assert rnd["per_hook_counts"] == {"residuals_1": 2, "mlp_1": 1, "attention_2": 1}
     assert all({h: len(v) for h, v in s.items()} == rnd["per_hook_counts"] for s in out["random_sets"])
     assert 0 <= rnd["percentile"] <= 100 and 0 < rnd["p_value"] <= 1
+
+
+def test_size_search_on_the_model_stops_where_the_measured_curve_first_crosses_the_target(model, pad_id):
+    """The known size: the full faithfulness curve measured independently (metric_validation at every n)."""
+    saes = random_saes(model.config.hidden_size)
+    baseline = mean_baseline(model, saes, make_batches(random_prompts(6, seed=4), N_POST, pad_id, batch_size=6))
+    batches = make_batches(random_prompts(6, seed=6), N_POST, pad_id, batch_size=4)
+    ranked = [(h, f) for f in range(0, 120, 5) for h in ("residuals_1", "mlp_1", "attention_2")]
+    sizes = list(range(1, len(ranked) + 1))
+    curve = metric_validation(
+        model, saes, baseline, batches, ranked, size=len(ranked), metric_fn=first_token_metric, sizes=sizes,
+        random_sets=[],
+    )["faithfulness_curve"]  # fmt: skip
+    target = 0.5 * (min(curve.values()) + max(curve.values()))
+    search = search_size(
+        model_faithfulness(model, saes, baseline, batches, ranked, first_token_metric), len(ranked), target
+    )
+    assert search.met and curve[str(search.size)] >= target
+    assert search.size == 1 or curve[str(search.size - 1)] < target  # bisection's neighbour below misses it
+    assert search.faithfulness == pytest.approx(curve[str(search.size)], abs=1e-4)
+    assert len(search.tried) < len(ranked) // 2
 
 
 def test_stacked_generation_equals_one_generation_per_condition(model, tiny_llama, pad_id):
