@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from refusal_lab.circuits.attribution import NodeEffects
+from refusal_lab.circuits.attribution import NodeEffects, TopActivations
 from refusal_lab.store import Phase
 
 PHASE_NAMES = {int(Phase.PROMPT): "prompt", int(Phase.POST_INSTRUCTION): "post_instruction", 2: "generated"}
@@ -24,7 +24,12 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 
 def top_tokens(effects: NodeEffects, hook: str, feature: int, tokenizer: Any) -> list[dict[str, Any]]:
     """The 5 distinct tokens (by text) on which the feature fires most over the set's prompts."""
-    top = effects.top[hook]
+    return top_tokens_of(effects.top, hook, feature, tokenizer)
+
+
+def top_tokens_of(tops: dict[str, TopActivations], hook: str, feature: int, tokenizer: Any) -> list[dict[str, Any]]:
+    """top_tokens from the top activations alone (hook -> TopActivations)."""
+    top = tops[hook]
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for k in range(top.values_KF.shape[0]):

@@ -19,11 +19,12 @@ from refusal_lab.circuits.attribution import NodeEffects, node_effects, top_acti
 from refusal_lab.circuits.baseline import Baseline, mean_baseline, zero_baseline
 from refusal_lab.circuits.batches import PromptBatch, make_text_batches, prefix_token_count
 from refusal_lab.circuits.config import BaselineKind, CircuitsConfig, DiscoverySet
-from refusal_lab.circuits.describe import top_features, top_prompt_tokens
+from refusal_lab.circuits.describe import top_features, top_prompt_tokens, top_tokens_of
 from refusal_lab.circuits.direction import directions_from_model
 from refusal_lab.circuits.edges import ERROR, edge_effects, hook_order, prune_edges, select_nodes
 from refusal_lab.circuits.held_out import ablation_summary, validate_circuit
 from refusal_lab.circuits.metric import MetricSpec, logits_needed, metric_spec, refusal_metric
+from refusal_lab.circuits.selective import NAME, SCORING, normalised, read_means, selective_nodes, write_means
 from refusal_lab.circuits.sets import BEHAVIOUR_SETS, PromptPool, SetPlan, plan_sets, split, text_hash
 from refusal_lab.circuits.size import model_faithfulness, search_size
 from refusal_lab.fingerprint import write_json_atomic
@@ -108,6 +109,7 @@ class SetRunner:
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / "graph.json", _graph(plan, nodes, error_means, edges, effects.hooks, cfg))
         self._write_effects(folder, plan, effects, nodes)
+        write_means(folder, means)
         validation = self.validate(plan, nodes, ranking, baseline)
         write_json_atomic(folder / "validation.json", validation)
         entry: dict[str, Any] = {
@@ -201,17 +203,18 @@ class SetRunner:
         Pooled sets also generate (ablation and steering, against the random sets) on the held-out
         toxic and safe prompts, the targets marked, with KL on the held-out harmless contrast.
         """
-        cfg, spec, pool = self.cfg, self.spec, self.pool
+        cfg, spec = self.cfg, self.spec
         generation = plan.pooled
         kwargs: dict[str, Any] = {}
         if generation:
-            held_out = sorted(set(plan.target.validation) | set(self.held_out_toxic_safe()))
+            harmless = self.harmless_validation(plan)
+            held_out = sorted(set(plan.target.validation) | set(self.held_out_toxic_safe()) | set(harmless))
             targets = set(plan.target.validation)
             kwargs = {
                 "prompt_batches": self.batches(held_out, False),
-                "labels": [pool.labels[i] for i in held_out],
+                "labels": [self.specificity_label(i) for i in held_out],
                 "is_target": [i in targets for i in held_out],
-                "harmless_batches": self.batches(self.harmless_validation(plan), False),
+                "harmless_batches": self.batches(harmless, False),
                 "judge": self.judge,
                 "judge_name": "keyword",
                 "tokenizer": self.tokenizer,
@@ -233,6 +236,58 @@ class SetRunner:
             generation=generation,
             **kwargs,
         )
+
+    def specificity_label(self, i: int) -> str:
+        """The label a drop is reported under: toxic, refused_safe / answered_safe (by `refused`), harmless."""
+        label = self.pool.labels[i]
+        if label == "safe":
+            return "refused_safe" if self.pool.refused[i] else "answered_safe"
+        return label
+
+    def run_selective(self, plan: SetPlan, folder: Path, over_refusal: Path, toxic: Path) -> dict[str, Any]:
+        """The selective over-refusal circuit (refusal_lab.circuits.selective) from the committed over_refusal
+        and toxic sets' mean effects, validated on the over_refusal set's held-out prompts."""
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        a_or, a_tox = read_means(over_refusal), read_means(toxic)
+        nodes = selective_nodes(a_or, a_tox, cfg.node_share, cfg.circuit_size)
+        if not nodes:
+            return {"status": "skipped", "reason": "no feature raises over-refusal more than toxic refusal"}
+        baseline = self.baseline(plan.contrast.discovery)
+        top = top_activations(self.model, self.saes, self.batches(plan.target.discovery))
+        scored = [(h, f, e) for h, f, e in nodes]
+        hooks = list(self.saes)
+        folder.mkdir(parents=True, exist_ok=True)
+        graph = _graph(plan, scored, {}, {}, hooks, cfg)
+        graph["set"], graph["effect_sign"] = NAME, f"selectivity score ({SCORING})"
+        write_json_atomic(folder / "graph.json", graph)
+        validation = self.validate(plan, nodes, nodes, baseline)
+        write_json_atomic(folder / "validation.json", validation)
+        shares_or, shares_tox = normalised(a_or), normalised(a_tox)
+        features = [
+            {
+                "hook": h,
+                "feature": f,
+                "score": e,
+                "share_over_refusal": float(shares_or[h][f]),
+                "share_toxic": float(shares_tox[h][f]),
+                "top_tokens": top_tokens_of(top, h, f, self.tokenizer),
+            }
+            for h, f, e in nodes[: cfg.top_features]
+        ]
+        return {
+            "status": "ok",
+            "scoring": SCORING,
+            "from_sets": ["over_refusal", "toxic"],
+            "n_nodes": len(nodes),
+            "nodes_by_hook": {h: sum(1 for hh, _, _ in nodes if hh == h) for h in hook_order(hooks)},
+            "top_features": features,
+            **{k: validation.get(k) for k in ("faithfulness", "completeness")},
+            "ablation": ablation_summary(validation),
+            "metric_random": _metric_random(validation),
+            "folder": str(folder),
+            "seconds": time.perf_counter() - t0,
+        }
 
     def judge(self, responses: Sequence[str]) -> list[bool]:
         prefixes = self.ctx.cfg.model.refusal_prefixes

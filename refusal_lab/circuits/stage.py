@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from refusal_lab.circuits.compare import compare_committed_sets
-from refusal_lab.circuits.config import ALGORITHM_VERSION, OUTPUT_NEUTRAL_FIELDS, CircuitsConfig
+from refusal_lab.circuits.config import ALGORITHM_VERSION, OUTPUT_NEUTRAL_FIELDS, CircuitsConfig, DiscoverySet
 from refusal_lab.circuits.inputs import check_inputs, circuit_hooks, judgement_fingerprint, load_pool
 from refusal_lab.circuits.runner import SetRunner
+from refusal_lab.circuits.selective import NAME as SELECTIVE
 from refusal_lab.circuits.sets import SetPlan, plan_sets
 from refusal_lab.config import ConfigError, Stage
 from refusal_lab.fingerprint import fingerprint, write_json_atomic
@@ -101,6 +103,16 @@ def run_circuits(ctx: RunContext, out_dir: Path) -> dict[str, Any]:
     )
     sae_root = ctx.paths[Stage.sae]
     runner: SetRunner | None = None
+
+    def set_runner() -> SetRunner:
+        nonlocal runner
+        if runner is None:
+            saes = {h: load_sae(sae_root / h).eval() for h in circuit_hooks(ctx)}
+            for sae in saes.values():
+                sae.requires_grad_(False)
+            runner = SetRunner(ctx, pool, contrast, responses, saes)
+        return runner
+
     entries: dict[str, dict[str, Any]] = {}
     with torch.random.fork_rng():
         torch.manual_seed(ctx.cfg.seed)
@@ -115,12 +127,7 @@ def run_circuits(ctx: RunContext, out_dir: Path) -> dict[str, Any]:
                 log.info("circuits: %s skipped: %s", plan.name, plan.skipped)
                 entry = _skipped(plan, cfg)
             else:
-                if runner is None:
-                    saes = {h: load_sae(sae_root / h).eval() for h in circuit_hooks(ctx)}
-                    for sae in saes.values():
-                        sae.requires_grad_(False)
-                    runner = SetRunner(ctx, pool, contrast, responses, saes)
-                entry = runner.run(plan, folder)
+                entry = set_runner().run(plan, folder)
                 log.info(
                     "circuits: %s: %d nodes, %s edges, faithfulness %s (%.1f s)",
                     plan.name,
@@ -131,7 +138,10 @@ def run_circuits(ctx: RunContext, out_dir: Path) -> dict[str, Any]:
                 )
             write_json_atomic(marker, entry)
             entries[plan.name] = entry
+        if {DiscoverySet.over_refusal, DiscoverySet.toxic} <= set(cfg.sets):
+            entries[SELECTIVE] = _selective(out_dir, plans, entries, set_runner)
     summary = _nest(entries)
+    summary["specificity"] = specificity_table(entries)
     summary["seconds"] = time.perf_counter() - t0
     summary["path"] = str(out_dir)
     # Category comparison from the committed effects.npz (no model), and feature cards for the report.
@@ -140,6 +150,46 @@ def run_circuits(ctx: RunContext, out_dir: Path) -> dict[str, Any]:
     write_feature_cards(ctx.store_path, sae_root, pooled, summary, ctx.tokenizer)
     write_json_atomic(done, summary)
     return summary
+
+
+def _selective(
+    out_dir: Path, plans: list[SetPlan], entries: dict[str, dict[str, Any]], set_runner: Callable[[], SetRunner]
+) -> dict[str, Any]:
+    """The selective over-refusal circuit, committed like a set (after the over_refusal and toxic sets)."""
+    folder = out_dir / "sets" / SELECTIVE
+    marker = folder / SET_MARKER
+    if marker.exists():
+        log.info("circuits: %s is committed; skipping", SELECTIVE)
+        return json.loads(marker.read_text())
+    sources = [DiscoverySet.over_refusal.value, DiscoverySet.toxic.value]
+    not_ok = [name for name in sources if entries[name].get("status") != "ok"]
+    if not_ok:
+        entry: dict[str, Any] = {"status": "skipped", "reason": f"needs the {' and '.join(not_ok)} circuit(s)"}
+    else:
+        plan = next(p for p in plans if p.name == DiscoverySet.over_refusal.value)
+        over_refusal, toxic = (_set_folder(out_dir, next(p for p in plans if p.name == n)) for n in sources)
+        entry = set_runner().run_selective(plan, folder, over_refusal, toxic)
+        log.info("circuits: %s: %s nodes by hook %s", SELECTIVE, entry.get("n_nodes"), entry.get("nodes_by_hook"))
+    write_json_atomic(marker, entry)
+    return entry
+
+
+def specificity_table(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per pooled set (and the selective circuit): refusal-rate drop by label when its circuit is ablated."""
+    table: dict[str, Any] = {}
+    for name, entry in entries.items():
+        ablation = entry.get("ablation") or {}
+        if "/" in name or not ablation.get("refusal_rate_drop_by_label"):
+            continue
+        table[name] = {
+            "n_nodes": entry.get("n_nodes"),
+            "drop_by_label": ablation["refusal_rate_drop_by_label"],
+            "target_drop": ablation.get("refusal_rate_drop"),
+            "random_target_drop_median": ablation.get("random_refusal_rate_drop_median"),
+            "p_value": ablation.get("p_value"),
+            "kl_harmless": ablation.get("kl_harmless"),
+        }
+    return table
 
 
 def _nest(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:

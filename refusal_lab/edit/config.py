@@ -19,7 +19,8 @@ class EditConfig:
 
     source: str = "over_refusal"
     """Circuit whose SAE-feature nodes are edited: a set name of the circuits artifact (its
-    `sets/<source>/graph.json`), or a path (relative to the circuits artifact) of any JSON file with
+    `sets/<source>/graph.json`; over_refusal_selective: the selective over-refusal circuit), or a path
+    (relative to the circuits artifact) of any JSON file with
     `nodes: [{hook, feature, ...}]` (entries with `kind` other than `feature` are skipped)."""
     hooks: list[str] = field(default_factory=list)
     """Keep only nodes at these hook points; empty keeps every hook."""

@@ -26,8 +26,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from refusal_lab.circuits.batches import PromptBatch, make_text_batches
+from refusal_lab.circuits.config import DiscoverySet
 from refusal_lab.circuits.direction import directions_from_model
 from refusal_lab.circuits.inputs import circuit_hooks, load_pool
+from refusal_lab.circuits.selective import NAME as SELECTIVE
 from refusal_lab.circuits.sets import split
 from refusal_lab.circuits.spliced import forward_batch
 from refusal_lab.circuits.stage import SET_MARKER
@@ -88,6 +90,8 @@ def check_inputs(ctx: RunContext) -> None:
     """Bad input fails here, before any model loads, with the key, the value and what is valid."""
     cfg = ctx.cfg.edit
     sets = [s.value for s in ctx.cfg.circuits.sets]
+    if {DiscoverySet.over_refusal, DiscoverySet.toxic} <= set(ctx.cfg.circuits.sets):
+        sets.append(SELECTIVE)  # the selective over-refusal circuit (refusal_lab.circuits.selective)
     if not cfg.source.endswith(".json") and cfg.source not in sets:
         raise ConfigError(
             f"edit.source: {cfg.source!r} is not a circuits set of this run; valid: {sets} (circuits.sets) or a "

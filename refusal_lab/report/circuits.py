@@ -130,6 +130,7 @@ def entry_table(entry: dict[str, Any]) -> str:
             "nodes (SAE features) / error nodes / edges",
             f"{fmt(entry.get('n_nodes'))} / {fmt(entry.get('n_error_nodes'))} / {fmt(entry.get('n_edges'))}",
         ],
+        ["size rule / target / met (faithfulness on discovery prompts)", _size_text(entry.get("size"))],
         ["faithfulness (everything outside the circuit ablated, error nodes kept)", entry.get("faithfulness")],
         ["completeness (the circuit ablated)", entry.get("completeness")],
         ["refusal-rate drop, circuit ablated (held-out targets)", ablation.get("refusal_rate_drop")],
@@ -173,6 +174,51 @@ def entry_table(entry: dict[str, Any]) -> str:
         out += "<details><summary>Example generations (unedited, circuit ablated, steered)</summary>"
         out += table(keys, [[e.get(k, "") for k in keys] for e in examples], text_cols=len(keys)) + "</details>"
     return out
+
+
+def _size_text(size: Any) -> str:
+    if not isinstance(size, dict):
+        return "n/a"
+    if size.get("target") is None:
+        return f"fixed count ({fmt(size.get('n_nodes'))} features)"
+    met = "met" if size.get("met") else "not met"
+    return (
+        f"faithfulness target {fmt(size.get('target'))}: {met} at {fmt(size.get('n_nodes'))} features "
+        f"({fmt(size.get('faithfulness_discovery'))})"
+    )
+
+
+LABELS = ("toxic", "refused_safe", "answered_safe", "harmless")
+
+
+def specificity_table(circuits: dict[str, Any]) -> str:
+    """One row per circuit: its size, target, met, held-out faithfulness, and refusal-rate drops by label."""
+    spec = circuits.get("specificity") or {}
+    if not spec:
+        return ""
+    rows = []
+    for name, row in spec.items():
+        entry = circuits.get(name) or {}
+        size = entry.get("size") or {}
+        drops = row.get("drop_by_label") or {}
+        met = size.get("met")
+        rows.append(
+            [name, row.get("n_nodes"), size.get("target"), "n/a" if met is None else ("yes" if met else "no")]
+            + [entry.get("faithfulness"), entry.get("completeness")]
+            + [drops.get(label) for label in LABELS]
+            + [row.get("random_target_drop_median"), row.get("kl_harmless")]
+        )
+    head = ["circuit", "features", "target", "met", "faithfulness", "completeness"]
+    head += [f"drop {label}" for label in LABELS] + ["random drop (targets)", "KL harmless"]
+    return (
+        "<h3>Size and specificity</h3>"
+        + note(
+            "Refusal-rate drop by label on held-out prompts when each circuit is ablated (refused_safe / "
+            "answered_safe: safe prompts the unedited model refused / answered). A selective over-refusal "
+            "circuit drops refused_safe and leaves toxic."
+        )
+        + table(head, rows, table_id="circuits-specificity")
+    )
 
 
 def discovery_set(name: str, entry: dict[str, Any], circuits: dict[str, Any], run_dir: Path) -> str:
@@ -271,7 +317,7 @@ def circuits_section(summary: dict[str, Any], run_dir: Path) -> str:
     ]
     if not names:
         return note("Circuits: summary.json['circuits'] holds no discovery set.")
-    return "".join(discovery_set(n, circuits[n], circuits, run_dir) for n in names)
+    return specificity_table(circuits) + "".join(discovery_set(n, circuits[n], circuits, run_dir) for n in names)
 
 
 # --- feature cards -------------------------------------------------------------------------------

@@ -155,6 +155,40 @@ def test_toxic_refused_runs_on_refused_vs_answered_toxic_prompts(tiny_llama, sha
     assert "toxic" in entry["ablation"]["refusal_rate_drop_by_label"]
 
 
+def test_selective_circuit_and_drops_by_label_for_every_set(tiny_llama, shared_data, tmp_path, monkeypatch):
+    # Mark every other safe prompt refused (by text hash) so over_refusal runs and the selective circuit follows.
+    real_load = circuits_stage.load_pool
+
+    def half_refused(ctx):
+        pool, contrast, responses = real_load(ctx)
+        safe = np.asarray(pool.labels) == "safe"
+        parity = np.asarray([int(text_hash(p)[-1], 16) % 2 == 0 for p in pool.prompts])
+        pool.refused = pool.refused | (safe & parity)
+        return pool, contrast, responses
+
+    monkeypatch.setattr(circuits_stage, "load_pool", half_refused)
+    sets = [DiscoverySet.toxic, DiscoverySet.over_refusal]
+    cfg = make_cfg(tiny_llama, shared_data, tmp_path, sets=sets, data_limit=80, faithfulness_target=None)
+    circuits = run(cfg, tmp_path / "run", tmp_path)["circuits"]
+    selective = circuits["over_refusal_selective"]
+    assert selective["status"] == "ok", selective
+    assert selective["from_sets"] == ["over_refusal", "toxic"] and 0 < selective["n_nodes"] <= 8
+    for feature in selective["top_features"]:
+        assert feature["score"] == pytest.approx(feature["share_over_refusal"] - feature["share_toxic"], abs=1e-6)
+        assert feature["score"] > 0 and feature["share_over_refusal"] > 0
+    graph = json.loads((Path(selective["folder"]) / "graph.json").read_text())
+    assert [(n["hook"], n["feature"]) for n in graph["nodes"]][:3] == [
+        (f["hook"], f["feature"]) for f in selective["top_features"][:3]
+    ]
+    spec = circuits["specificity"]
+    assert set(spec) == {"toxic", "over_refusal", "over_refusal_selective"}
+    for name, row in spec.items():
+        # held-out toxic, safe split by the unedited model's refusal, and harmless prompts
+        assert set(row["drop_by_label"]) == {"toxic", "refused_safe", "answered_safe", "harmless"}, (name, row)
+        assert row["n_nodes"] == circuits[name]["n_nodes"]
+    assert selective["ablation"]["n_random"] == 2  # validated against random same-size sets
+
+
 def test_killed_run_continues_after_the_last_committed_set_and_a_rerun_skips(
     tiny_llama, shared_data, tmp_path, monkeypatch
 ):

@@ -152,6 +152,29 @@ def test_over_refusal_analysis_recovers_the_planted_trigger_words(default_run):
     assert "toxic" in ablation["refusal_rate_drop_by_label"]
 
 
+def test_circuits_are_sized_by_the_faithfulness_target_and_specificity_is_reported(default_run):
+    circuits = default_run[0]["circuits"]
+    for name in ("toxic", "safe", "over_refusal"):
+        size = circuits[name]["size"]
+        assert size["target"] == 0.8 and size["met"] and size["faithfulness_discovery"] >= 0.8, (name, size)
+        assert size["faithfulness"] >= 0.6, (name, size)  # held out: close to the target found on discovery
+    spec = circuits["specificity"]
+    assert {"toxic", "safe", "over_refusal", "over_refusal_selective"} <= spec.keys()
+    assert spec["toxic"]["drop_by_label"]["toxic"] >= 0.5 and spec["toxic"]["drop_by_label"]["harmless"] <= 0.1
+
+
+def test_selective_over_refusal_circuit_is_the_planted_trigger_words_at_the_first_hook(default_run):
+    selective = default_run[0]["circuits"]["over_refusal_selective"]
+    assert selective["status"] == "ok", selective
+    by_hook = selective["nodes_by_hook"]
+    assert by_hook["residuals_0"] >= 0.8 * selective["n_nodes"], by_hook
+    tokens = [t["token"] for f in selective["top_features"][:5] for t in f["top_tokens"]]
+    found = {word for word in TRIGGER_WORDS if any(_trigger_token(t) and t.strip().lower() in word for t in tokens)}
+    assert len(found) >= 3, (tokens, TRIGGER_WORDS)
+    # Selective: ablating it leaves toxic refusal (drop <= 0.2); see the README for its effect on refused safe prompts.
+    assert selective["ablation"]["refusal_rate_drop_by_label"]["toxic"] <= 0.2, selective["ablation"]
+
+
 def test_judges_are_compared_in_every_default_run(default_run):
     judges = default_run[0]["judges"]
     assert set(judges["pairs"]) == {"rule~keyword", "rule~score", "keyword~score"}
@@ -180,7 +203,8 @@ def test_edit_table_holds_every_condition_and_the_checkpoint_matches_the_hooks(d
 
 @pytest.mark.xfail(
     reason="issue 16 item 4 not reached with the default source (the over_refusal circuit, dominated by the shared "
-    "refusal-output features): its edit removes toxic refusal too; see the README's edit section and notes/edit.md",
+    "refusal-output features): its edit removes toxic refusal too; nor with the selective circuit "
+    "(edit.source=over_refusal_selective); see the README's edit section and notes/edit.md, notes/circuits.md",
     strict=False,
 )
 def test_edit_meets_the_item_4_targets(default_run):
