@@ -72,7 +72,14 @@ def judge_settings(name: JudgeName, cfg: JudgeConfig, model_name: str, refusal_p
             else {"judge": reference.value, "settings": judge_settings(reference, cfg, model_name, refusal_prefixes)},
         }
     if name == JudgeName.llm:
-        return {**model_settings(cfg.llm), "llm_version": LLM_VERSION}
+        settings = {**model_settings(cfg.llm), "llm_version": LLM_VERSION}
+        if cfg.llm.gguf_file is not None:  # the file's own content, so a new package release is a new judgement
+            from refusal_lab.gguf_source import gguf_fingerprint
+            from refusal_lab.judge.models import llm_source
+
+            folder, kwargs = llm_source(cfg.llm)
+            settings["gguf"] = gguf_fingerprint(Path(folder) / kwargs["gguf_file"])
+        return settings
     return model_settings(cfg.classifier)
 
 

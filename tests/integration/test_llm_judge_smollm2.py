@@ -65,3 +65,18 @@ def test_a_missing_gguf_file_is_a_judge_llm_config_error(tmp_path: Path) -> None
         llm_source(cfg)
     with pytest.raises(ConfigError, match=r"judge\.llm\.model: 'package:no_such_pkg'.*not installed"):
         llm_source(LlmJudgeConfig(model="package:no_such_pkg", gguf_file="x.gguf"))
+
+
+def test_llm_judgement_fingerprint_follows_the_gguf_file_content(tmp_path: Path) -> None:
+    """Same package folder and file name, another checkpoint inside: a new judgement, never a stale cache hit."""
+    from refusal_lab.judge.config import JudgeConfig, JudgeName
+    from refusal_lab.judge.stage import judgement_fingerprint
+    from tests.integration.test_smollm2_loading import _write_gguf
+
+    pytest.importorskip("gguf")
+    path = _write_gguf(tmp_path / "judge.gguf", "llama", name="first")
+    cfg = JudgeConfig(judges=[JudgeName.llm], llm=LlmJudgeConfig(model=str(tmp_path), gguf_file="judge.gguf"))
+    before = judgement_fingerprint("store", JudgeName.llm, cfg, "m", [])
+    assert judgement_fingerprint("store", JudgeName.llm, cfg, "m", []) == before
+    _write_gguf(path, "llama", name="second")
+    assert judgement_fingerprint("store", JudgeName.llm, cfg, "m", []) != before
