@@ -12,7 +12,9 @@ from typing import Any
 
 from refusal_lab.errors import ConfigError
 
-ALGORITHM_VERSION = 3  # 3: circuit size by a faithfulness target; 2: feature -> feature edges through the encoder
+ALGORITHM_VERSION = 4
+# 4: categories take their pooled set's size, edges among the top edge_nodes; 3: circuit size by a faithfulness
+# target; 2: feature -> feature edges through the encoder
 """Bump whenever the circuits stage's output changes for the same config and inputs."""
 
 MIN_PROMPTS = 8
@@ -137,8 +139,14 @@ class CircuitsConfig:
     """A node needs |mean effect| above this to survive."""
     node_share: float = 0.95
     """Keep the fewest nodes covering this share of the total |effect| of the SAE features (1.0: no share cut)."""
+    category_sizes: str = "pooled"
+    """faithfulness_target set: "pooled" gives each per-category set its pooled set's size (measured, not searched:
+    its discovery faithfulness and `met` are still reported), "search" searches every category again."""
     category_edges: bool = False
     """Also compute edges for per-category sets (pooled sets always get them)."""
+    edge_nodes: int | None = 32
+    """Edges are computed among the circuit's top this many features by |effect| (a cap: each downstream node costs
+    one backward pass); null: among all of them. The summary's `edge_nodes` records the count used."""
     edge_threshold: float = 0.0
     """An edge needs |effect| above this."""
     edge_share: float = 0.9
@@ -181,6 +189,10 @@ class CircuitsConfig:
             errors.append(
                 f"circuits.faithfulness_target: {target} must be in (0, 1], or null for the fixed size circuit_size"
             )
+        if self.category_sizes not in ("pooled", "search"):
+            errors.append(f"circuits.category_sizes: {self.category_sizes!r} must be 'pooled' or 'search'")
+        if self.edge_nodes is not None and self.edge_nodes < 1:
+            errors.append(f"circuits.edge_nodes: {self.edge_nodes} must be >= 1, or null for all of the circuit")
         if self.max_circuit_size < 1:
             errors.append(f"circuits.max_circuit_size: {self.max_circuit_size} must be >= 1")
         for key in ("node_share", "edge_share"):

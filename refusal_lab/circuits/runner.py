@@ -57,6 +57,8 @@ class SetRunner:
         self._effects: dict[tuple[str | int, ...], tuple[dict[int, int], NodeEffects]] = {}
         self._directions: dict[str, torch.Tensor] | None = None
         self.harmless = harmless
+        self.pooled_sizes: dict[DiscoverySet, int] = {}
+        """Pooled sets' circuit sizes (the stage fills it, also from committed sets): categories take them."""
         fmt, _ = chat_format(ctx.cfg.model, self.tokenizer)
         self.n_prefix = prefix_token_count(self.tokenizer, fmt)
 
@@ -88,18 +90,21 @@ class SetRunner:
         batches = self.batches(plan.target.discovery)
         effects = self.effects(plan, batches, baseline)
         means = {h: effects.mean_feats(h) for h in effects.hooks}
-        nodes, size = self.choose_nodes(means, batches, baseline)
+        nodes, size = self.choose_nodes(plan, means, batches, baseline)
         # The faithfulness curve may run past the circuit (a 32-feature circuit can be necessary without
         # being sufficient); the circuit is always a prefix of this ranking.
         ranking = select_nodes(means, 0.0, 1.0, max([*cfg.faithfulness_sizes, len(nodes)]))
-        circuit = {h: [f for hh, f, _ in nodes if hh == h] for h in effects.hooks}
         error_means = {h: float(effects.errors[h].mean()) for h in effects.hooks}
         floor = min((abs(e) for _, _, e in nodes), default=float("inf"))
         n_error_nodes = sum(abs(v) >= floor for v in error_means.values())
         with_edges = plan.pooled or cfg.category_edges
+        # Each downstream node costs one backward pass, so edges are computed among the top of the circuit
+        # (nodes are strongest first); edge_nodes caps that, null takes every node.
+        edge_nodes = len(nodes) if cfg.edge_nodes is None else min(cfg.edge_nodes, len(nodes))
+        edge_circuit = {h: [f for hh, f, _ in nodes[:edge_nodes] if hh == h] for h in effects.hooks}
         edges = (
             prune_edges(
-                edge_effects(self.model, self.saes, batches, baseline, self.spec, circuit),
+                edge_effects(self.model, self.saes, batches, baseline, self.spec, edge_circuit),
                 cfg.edge_threshold,
                 cfg.edge_share,
             )
@@ -123,6 +128,7 @@ class SetRunner:
             "n_nodes": len(nodes),
             "n_error_nodes": n_error_nodes,
             "n_edges": len(edges) if with_edges else None,
+            "edge_nodes": edge_nodes if with_edges else None,
             "metric_mean": float(effects.metric.mean()),
             "error_node_effects": error_means,
             "top_features": top_features(effects, nodes, self.tokenizer, cfg.top_features),
@@ -141,10 +147,13 @@ class SetRunner:
         return entry
 
     def choose_nodes(
-        self, means: dict[str, np.ndarray], batches: list[PromptBatch], baseline: Baseline
+        self, plan: SetPlan, means: dict[str, np.ndarray], batches: list[PromptBatch], baseline: Baseline
     ) -> tuple[list[tuple[str, int, float]], dict[str, Any]]:
         """The circuit's nodes, strongest first, and the summary's `size` entry: by the faithfulness target on
-        the discovery prompts (refusal_lab.circuits.size), or the fixed count when the target is null."""
+        the discovery prompts (refusal_lab.circuits.size), or the fixed count when the target is null.
+
+        With category_sizes "pooled" a category takes its pooled set's size (the search is most of a
+        category's cost) and its faithfulness at that size is measured on its discovery prompts."""
         cfg = self.cfg
         if cfg.faithfulness_target is None:
             nodes = select_nodes(means, cfg.node_threshold, cfg.node_share, cfg.circuit_size)
@@ -159,7 +168,28 @@ class SetRunner:
             lambda logits, batch: refusal_metric(logits, batch, self.spec),
             logits_to_keep=lambda batch: logits_needed(batch, self.spec),
         )
+        pooled_size = self.pooled_sizes.get(plan.kind)
+        if not plan.pooled and cfg.category_sizes == "pooled" and pooled_size is not None:
+            n = min(pooled_size, len(candidates))
+            faithfulness = faithfulness_of([n])[n] if n else None
+            met = faithfulness is not None and faithfulness >= cfg.faithfulness_target
+            return candidates[:n], {
+                "rule": "pooled_set_size",
+                "target": cfg.faithfulness_target,
+                "n_nodes": n,
+                "met": met,
+                "faithfulness_discovery": faithfulness,
+                "n_candidates": len(candidates),
+                "searched": {},
+                "reason": None
+                if met
+                else f"the pooled set's size {pooled_size} reaches faithfulness "
+                f"{'n/a' if faithfulness is None else f'{faithfulness:.3f}'} on this category (not searched: "
+                "circuits.category_sizes=pooled)",
+            }
         search = search_size(faithfulness_of, len(candidates), cfg.faithfulness_target)
+        if plan.pooled:
+            self.pooled_sizes[plan.kind] = search.size
         return candidates[: search.size], search.to_json()
 
     def effects(self, plan: SetPlan, batches: list[PromptBatch], baseline: Baseline) -> NodeEffects:
@@ -229,6 +259,7 @@ class SetRunner:
             [(h, f) for h, f, _ in ranking],
             lambda logits, batch: refusal_metric(logits, batch, spec),
             self.batches(plan.target.validation),
+            logits_to_keep=lambda batch: logits_needed(batch, spec),
             size=len(nodes),
             sizes=cfg.faithfulness_sizes,
             n_random=cfg.n_random,

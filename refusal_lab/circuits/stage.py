@@ -103,6 +103,8 @@ def run_circuits(ctx: RunContext, out_dir: Path) -> dict[str, Any]:
     )
     sae_root = ctx.paths[Stage.sae]
     runner: SetRunner | None = None
+    # Pooled sets' sizes, for the categories (circuits.category_sizes); also from sets an earlier process committed.
+    pooled_sizes: dict[DiscoverySet, int] = {}
 
     def set_runner() -> SetRunner:
         nonlocal runner
@@ -111,6 +113,7 @@ def run_circuits(ctx: RunContext, out_dir: Path) -> dict[str, Any]:
             for sae in saes.values():
                 sae.requires_grad_(False)
             runner = SetRunner(ctx, pool, contrast, responses, saes)
+            runner.pooled_sizes = pooled_sizes
         return runner
 
     entries: dict[str, dict[str, Any]] = {}
@@ -122,6 +125,8 @@ def run_circuits(ctx: RunContext, out_dir: Path) -> dict[str, Any]:
             if marker.exists():
                 entries[plan.name] = json.loads(marker.read_text())
                 log.info("circuits: %s is committed; skipping", plan.name)
+                if plan.pooled and entries[plan.name].get("status") == "ok":
+                    pooled_sizes[plan.kind] = entries[plan.name]["n_nodes"]
                 continue
             if plan.skipped:
                 log.info("circuits: %s skipped: %s", plan.name, plan.skipped)

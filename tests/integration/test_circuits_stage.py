@@ -337,3 +337,39 @@ def test_refused_by_a_judge_plans_once_its_judgement_is_committed(tiny_llama, sh
     run(replace(cfg, stages=[Stage.judge]), tmp_path / "judged", tmp_path)
     planned = plan_stages(later, make_context(later, tmp_path / "plan", tmp_path)[0])
     assert [s.name for s in planned] == [Stage.sae, Stage.circuits]
+
+
+@pytest.mark.parametrize("category_sizes", ["pooled", "search"])
+def test_categories_take_the_pooled_size_and_edges_are_capped_to_the_top_edge_nodes(
+    category_sizes, tiny_llama, shared_data, tmp_path
+):
+    cfg = make_cfg(
+        tiny_llama,
+        shared_data,
+        tmp_path,
+        data_limit=60,
+        sets=[DiscoverySet.toxic],
+        by_category=True,
+        category_sizes=category_sizes,
+        edge_nodes=2,
+    )
+    cfg = replace(cfg, data=replace(cfg.data, categories=["harmful", "violence"]))  # two categories of >= 8 prompts
+    toxic = run(cfg, tmp_path / "run", tmp_path)["circuits"]["toxic"]
+    assert toxic["status"] == "ok" and toxic["size"]["rule"] == "faithfulness_target"
+    # Edges only among the top edge_nodes features of the circuit (graph.json lists nodes strongest first).
+    assert toxic["edge_nodes"] == min(2, toxic["n_nodes"])
+    graph = json.loads((Path(toxic["folder"]) / "graph.json").read_text())
+    top = {n["id"] for n in [n for n in graph["nodes"] if n["kind"] == "feature"][: toxic["edge_nodes"]]}
+    errors = {n["id"] for n in graph["nodes"] if n["kind"] == "error"}
+    assert graph["edges"] and all({e["source"], e["target"]} <= top | errors for e in graph["edges"])
+    ran = {c: e for c, e in toxic["by_category"].items() if e["status"] == "ok"}
+    assert ran, toxic["by_category"]
+    for category, entry in ran.items():
+        size = entry["size"]
+        assert size["n_nodes"] == entry["n_nodes"], category
+        if category_sizes == "pooled":
+            assert size["rule"] == "pooled_set_size" and size["searched"] == {}, (category, size)
+            assert entry["n_nodes"] == min(toxic["n_nodes"], size["n_candidates"]), (category, size)
+            assert size["met"] == (size["faithfulness_discovery"] >= 0.8), (category, size)
+        else:
+            assert size["rule"] == "faithfulness_target" and size["searched"], (category, size)
