@@ -46,6 +46,7 @@ REDUCED = [
     "circuits.max_prompts=16",
     "circuits.n_random=4",
     "circuits.faithfulness_sizes=[1,8,64]",
+    "circuits.max_circuit_size=64",
     "edit.n_random=2",
     "edit.max_prompts=8",
     "tracking.wandb=disabled",
