@@ -74,7 +74,11 @@ mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '${DB_PA
 
 # --- config files ---
 NODE=$(hostname -s)
-CPUS=$(nproc)
+# Twice the cores, declared with SlurmdParameters=config_overrides: test_sweep's sharded test has SAE tasks that
+# wait (holding their allocation) for a shard task that is requeued behind them; with CPUs=$(nproc) on a 2-core
+# machine the two waiting SAE tasks could take both CPUs and the requeued shard never start (seen in CI: a hang).
+# The tests' jobs are tiny, so oversubscribing the cores costs nothing but time slices.
+CPUS=$(($(nproc) * 2))
 MEM_MB=$(free -m | awk '/^Mem:/ {print $2}')
 install -d -m 0755 /etc/slurm "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
 TMP=$(mktemp -d)
@@ -134,6 +138,7 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 SlurmctldTimeout=30
 SlurmdTimeout=30
+SlurmdParameters=config_overrides
 NodeName=${NODE} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM_MB} State=UNKNOWN
 PartitionName=debug Nodes=${NODE} Default=YES MaxTime=INFINITE State=UP
 EOF
