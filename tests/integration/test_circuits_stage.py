@@ -131,19 +131,24 @@ def test_whole_stage_on_tiny_models(kind, tiny_llama, tiny_mistral, shared_data,
         assert entry["ablation"]["n_random"] == 2
 
 
-def test_toxic_refused_runs_on_refused_vs_answered_toxic_prompts(tiny_llama, shared_data, tmp_path, monkeypatch):
-    # A random model refuses nothing; mark every other toxic prompt refused (by text hash) so both
-    # sides of toxic_refused exist, as on a weakly aligned real model.
+def mark_half_refused(monkeypatch, label: str) -> None:
+    """The stage's prompt pool with every other `label` prompt (by text hash parity) marked refused."""
     real_load = circuits_stage.load_pool
 
     def half_refused(ctx):
         pool, contrast, responses = real_load(ctx)
-        toxic = np.asarray(pool.labels) == "toxic"
+        chosen = np.asarray(pool.labels) == label
         parity = np.asarray([int(text_hash(p)[-1], 16) % 2 == 0 for p in pool.prompts])
-        pool.refused = pool.refused | (toxic & parity)
+        pool.refused = pool.refused | (chosen & parity)
         return pool, contrast, responses
 
     monkeypatch.setattr(circuits_stage, "load_pool", half_refused)
+
+
+def test_toxic_refused_runs_on_refused_vs_answered_toxic_prompts(tiny_llama, shared_data, tmp_path, monkeypatch):
+    # A random model refuses nothing; mark half the toxic prompts refused so both sides of toxic_refused
+    # exist, as on a weakly aligned real model.
+    mark_half_refused(monkeypatch, "toxic")
     cfg = make_cfg(tiny_llama, shared_data, tmp_path, sets=[DiscoverySet.toxic_refused], data_limit=80)
     entry = run(cfg, tmp_path / "run", tmp_path)["circuits"]["toxic_refused"]
     assert entry["status"] == "ok", entry
@@ -156,17 +161,8 @@ def test_toxic_refused_runs_on_refused_vs_answered_toxic_prompts(tiny_llama, sha
 
 
 def test_selective_circuit_and_drops_by_label_for_every_set(tiny_llama, shared_data, tmp_path, monkeypatch):
-    # Mark every other safe prompt refused (by text hash) so over_refusal runs and the selective circuit follows.
-    real_load = circuits_stage.load_pool
-
-    def half_refused(ctx):
-        pool, contrast, responses = real_load(ctx)
-        safe = np.asarray(pool.labels) == "safe"
-        parity = np.asarray([int(text_hash(p)[-1], 16) % 2 == 0 for p in pool.prompts])
-        pool.refused = pool.refused | (safe & parity)
-        return pool, contrast, responses
-
-    monkeypatch.setattr(circuits_stage, "load_pool", half_refused)
+    # Mark half the safe prompts refused so over_refusal runs and the selective circuit follows.
+    mark_half_refused(monkeypatch, "safe")
     sets = [DiscoverySet.toxic, DiscoverySet.over_refusal]
     cfg = make_cfg(tiny_llama, shared_data, tmp_path, sets=sets, data_limit=80, faithfulness_target=None)
     circuits = run(cfg, tmp_path / "run", tmp_path)["circuits"]

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_lab.generation import generate_greedy
+from refusal_lab.generation import generate_greedy, left_pad
 from refusal_lab.hooks import ActivationRecorder, hooks_registered
 from refusal_lab.layers import expand_layer_spec
 from refusal_lab.models import encode_prompts, load_model, load_tokenizer
@@ -174,12 +174,8 @@ def test_recorder_equals_output_hidden_states_in_a_padded_batch(smollm2):
     prompts = ["Hi", "How do I kill a Python process that hangs?", "Write a haiku about the sea, please, in English."]
     rows = encode_prompts(SMOL, tokenizer, prompts, 512)
     pad = int(tokenizer.pad_token_id)
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
+    ids, mask = left_pad(rows, pad, torch.device("cpu"))  # the padding collect uses
+    width = ids.shape[1]
     n_layers = len(model.model.layers)
     points = expand_layer_spec(["residuals_0", "residuals_15", "residuals_29", "mlp_15", "attention_15"], n_layers)
     max_new = 6
