@@ -1,0 +1,161 @@
+"""Why the over-refusal edit misses issue 16 item 4 on the organism: the ceilings, measured.
+
+Reads a finished default run's artifacts (store, SAEs, circuits); writes nothing. Every condition runs in
+one stacked generation on the edit stage's held-out prompts (refused safe, toxic, harmless) and is judged
+and scored exactly as the edit stage's table is (refusal_lab.edit.evaluate):
+
+* ``dim_cos``: cosine of the over-refusal difference-in-means direction (refused safe - answered safe,
+  discovery prompts) with the toxic one (toxic - harmless) at each hook point. Near 1: downstream of the
+  tokens, over-refusal and toxic refusal are the same direction, so no edit at residuals_1.. can tell them apart.
+* ``oracle_*``: the trigger words' embedding rows replaced by the mean embedding or by ``stop``'s row. This
+  knows the planted mechanism, which no circuit does: the most any token-level edit can do.
+* ``trigger_rows_perp_top<k>``: only the trigger tokens' rows projected off the span of the top-k residuals_0
+  features by selectivity score (an SAE-feature edit confined to the tokens that carry the mechanism).
+* ``selective_clamp_<hook>_<k>``: the top-k selective features at one hook clamped to 0 (error kept).
+
+    python -m refusal_lab hydra.run.dir=/tmp/def/run artifacts_dir=/tmp/def/art   # the default run, once
+    python benchmarks/probe_edit_ceiling.py --artifacts /tmp/def/art
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from refusal_lab.circuits.batches import make_text_batches
+from refusal_lab.circuits.direction import directions_from_model
+from refusal_lab.circuits.inputs import circuit_hooks, load_pool
+from refusal_lab.circuits.selective import read_means, selectivity_scores
+from refusal_lab.circuits.sets import split
+from refusal_lab.config import RunConfig, Stage, register_configs
+from refusal_lab.edit.evaluate import evaluate
+from refusal_lab.edit.intervene import Condition, clamp_fns, orthonormal
+from refusal_lab.edit.stage import held_out
+from refusal_lab.layers import HookPoint
+from refusal_lab.organism import TRIGGER_WORDS
+from refusal_lab.pipeline import planned_context
+from refusal_lab.refusal import keyword_refusal
+from refusal_lab.sae.saelens import load_sae
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+EMBEDDING = HookPoint.from_name("residuals_0")
+
+
+class TokenRows:
+    """Hook functions at residuals_0 that change only the rows of chosen token ids (the prompt pass).
+
+    residuals_0 is the embedding's output, so an edit confined to some token ids is an edit of those
+    embedding rows. The input ids are read by a pre-hook on the decoder; the stacked evaluation puts the
+    same prompts in every condition's block, so a block's ids are the first rows.
+    """
+
+    def __init__(self, model: torch.nn.Module, token_ids: list[int]) -> None:
+        self.ids = torch.tensor(token_ids)
+        self.current: torch.Tensor | None = None
+        model.model.register_forward_pre_hook(self._keep, with_kwargs=True)  # type: ignore[union-attr]
+
+    def _keep(self, _module, _args, kwargs):
+        self.current = kwargs.get("input_ids")
+
+    def mask(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
+        ids = self.current
+        if ids is None or ids.shape[1] != x_BTD.shape[1]:
+            return None  # a decode step: the prompt rows were edited in the prefill
+        return torch.isin(ids[: x_BTD.shape[0]], self.ids)[..., None].to(x_BTD.dtype)
+
+    def replaced(self, row_D: torch.Tensor):
+        def fn(x):
+            m = self.mask(x)
+            return x if m is None else x * (1 - m) + m * row_D
+
+        return fn
+
+    def projected(self, basis_DK: torch.Tensor):
+        u = basis_DK.float()
+
+        def fn(x):
+            m = self.mask(x)
+            return x if m is None else x - m * ((x @ u) @ u.T)
+
+        return fn
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Ceilings of the over-refusal edit on a finished default run")
+    ap.add_argument("--artifacts", required=True, help="artifacts_dir of a finished `python -m refusal_lab` run")
+    ap.add_argument("overrides", nargs="*", help="the run's other overrides, if any")
+    args = ap.parse_args()
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[f"artifacts_dir={args.artifacts}", *args.overrides])
+    cfg = OmegaConf.to_object(composed)
+    assert isinstance(cfg, RunConfig)
+    ctx = planned_context(cfg, Path.cwd())
+    model = ctx.model().eval()
+    hooks = circuit_hooks(ctx)
+    saes = {h: load_sae(ctx.paths[Stage.sae] / h).eval().requires_grad_(False) for h in hooks}
+
+    def batch(texts):
+        return make_text_batches(cfg.model, ctx.tokenizer, texts, 32, cfg.inference.max_prompt_tokens, device="cpu")
+
+    prompts, _, _ = held_out(ctx, batch)
+    pool, contrast, _ = load_pool(ctx)
+
+    def discovery(rows: list[int]):
+        return batch(
+            [pool.prompts[i] for i in split(rows, pool.prompts, cfg.circuits.validation_share, 10**6).discovery]
+        )
+
+    safe = [i for i, lab in enumerate(pool.labels) if lab == "safe"]
+    toxic = [i for i, lab in enumerate(pool.labels) if lab == "toxic"]
+    r_over = directions_from_model(
+        model,
+        hooks,
+        discovery([i for i in safe if pool.refused[i]]),
+        discovery([i for i in safe if not pool.refused[i]]),
+    )
+    r_toxic = directions_from_model(model, hooks, discovery(toxic), discovery(contrast))
+    for h in hooks:
+        a, b = r_over[h], r_toxic[h]
+        cos = float(a @ b / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else float("nan")
+        print(f"dim_cos {h}: {cos:.4f}")
+
+    sets = ctx.paths[Stage.circuits] / "sets"
+    scores = selectivity_scores(read_means(sets / "over_refusal"), read_means(sets / "toxic"))
+    vocab = ctx.tokenizer.get_vocab()
+    trigger = sorted(i for t, i in vocab.items() if any(w in t.lower() for w in TRIGGER_WORDS))
+    rows = TokenRows(model, trigger)
+    embed = model.get_input_embeddings().weight.detach()
+    conditions = [
+        Condition("unedited", {}),
+        Condition("oracle_mean_row", {EMBEDDING: rows.replaced(embed.mean(0))}),
+        Condition("oracle_stop_row", {EMBEDDING: rows.replaced(embed[vocab["▁stop"]])}),
+    ]
+    order0 = np.argsort(-scores["residuals_0"])
+    for k in (32, 64, 128):
+        basis = orthonormal(saes["residuals_0"].W_dec.detach()[torch.as_tensor(order0[:k].copy())])
+        conditions.append(Condition(f"trigger_rows_perp_top{k}", {EMBEDDING: rows.projected(basis)}))
+    for h in hooks:
+        for k in (16, 64):
+            top = np.argsort(-scores[h])[:k].tolist()
+            conditions.append(Condition(f"selective_clamp_{h}_{k}", clamp_fns(model, saes, {h: top}, 0.0)))
+    result = evaluate(
+        model, ctx.tokenizer, prompts, conditions,
+        lambda rs: [keyword_refusal(r, cfg.model.refusal_prefixes) for r in rs], len(conditions), 8, 512,
+    )  # fmt: skip
+    print("trigger tokens:", ctx.tokenizer.convert_ids_to_tokens(trigger), "held-out prompts:", result["n_prompts"])
+    print(f"{'condition':34s} {'refused safe':>12s} {'toxic':>6s} {'harmless':>8s} {'KL harmless':>11s}")
+    for name, row in result["table"].items():
+        print(
+            f"{name:34s} {row['refusal_refused_safe']:12.2f} {row['refusal_toxic']:6.2f} "
+            f"{row['refusal_harmless']:8.2f} {row['kl_harmless']:11.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
