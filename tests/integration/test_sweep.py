@@ -14,10 +14,12 @@ there): then they fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -211,6 +213,26 @@ def test_slurm_sweep_with_failed_jobs_exits_non_zero_and_names_them(slurm, tmp_p
     assert "SLURM state FAILED" in output and "inference.max_new_tokens: -1 is negative" in output
 
 
+def requeue_now(job: str) -> None:
+    """`scontrol requeue` the job, then SIGKILL its running step's tasks: a preemption that lands at once.
+
+    submitit bypasses the SIGTERM a requeue sends, so without the kill the job works on until slurmstepd gives
+    up on the step (KillWait + 2 s): on an idle 2-core machine a test shard's whole collect (~4 s) finished in that
+    window and its second run found the part complete (seen in a fresh-clone run). `job` may be an array task
+    (`<array id>_<task>`); `scontrol listpids` wants the job id SLURM gave that task.
+    """
+    job_id = subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%A"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()[0]
+    listed = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, timeout=30, check=True)
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+    for line in listed.stdout.splitlines()[1:]:
+        pid, _, step = line.split()[:3]
+        if step.isdigit():  # the srun step's tasks (the job's Python); not the batch script or the extern step
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
 def committed_samples(artifacts: Path) -> int:
     for manifest in (artifacts / "collect").glob("*.zarr/manifest.json"):
         try:
@@ -242,7 +264,7 @@ def test_requeued_slurm_job_resumes_and_the_launcher_returns(slurm, tmp_path):
             time.sleep(0.2)
         (folder,) = [d for d in (tmp_path / "sweep" / ".submitit").iterdir() if JOB_DIR.match(d.name)]
         job_id = folder.name
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        requeue_now(job_id)
         requeued_at = time.perf_counter() - start
         assert proc.wait(timeout=240) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
     finally:
@@ -297,7 +319,7 @@ def test_slurm_job_failing_after_a_requeue_fails_the_sweep(slurm, tmp_path):
                 time.sleep(0.2)
             (folder,) = [d for d in (tmp_path / "sweep" / ".submitit").iterdir() if JOB_DIR.match(d.name)]
             job_id = folder.name
-            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+            requeue_now(job_id)
             prompts.unlink()
             proc.wait(timeout=240)
         finally:
@@ -372,7 +394,7 @@ def test_sharded_collect_array_then_sae_jobs_on_the_joined_store_with_a_requeued
             time.sleep(0.2)
             index_dir = next((tmp_path / "artifacts" / "collect").glob("*.zarr"), None)
         done = part_committed(index_dir, 1)
-        subprocess.run(["scontrol", "requeue", f"{array_id}_1"], check=True, timeout=30)
+        requeue_now(f"{array_id}_1")
         for name in ("collect", "sae"):
             assert procs[name].wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     finally:
