@@ -204,8 +204,9 @@ def test_edit_table_holds_every_condition_and_the_checkpoint_matches_the_hooks(d
 @pytest.mark.xfail(
     reason="issue 16 item 4 not reached with the default source (the over_refusal circuit, dominated by the shared "
     "refusal-output features): its edit removes toxic refusal too; nor with the selective circuit "
-    "(edit.source=over_refusal_selective); see the README's edit section and notes/edit.md, notes/circuits.md",
-    strict=False,
+    "(edit.source=over_refusal_selective); the README's edit section gives the ceilings measured by "
+    "benchmarks/probe_edit_ceiling.py. Strict: an edit that reaches the targets must drop this mark",
+    strict=True,
 )
 def test_edit_meets_the_item_4_targets(default_run):
     row = default_run[0]["edit"]["table"]["edit"]
