@@ -20,29 +20,24 @@ and scored exactly as the edit stage's table is (refusal_lab.edit.evaluate):
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from refusal_lab.circuits.batches import make_text_batches
 from refusal_lab.circuits.direction import directions_from_model
 from refusal_lab.circuits.inputs import circuit_hooks, load_pool
 from refusal_lab.circuits.selective import read_means, selectivity_scores
 from refusal_lab.circuits.sets import split
-from refusal_lab.config import RunConfig, Stage, register_configs
-from refusal_lab.edit.evaluate import evaluate
+from refusal_lab.config import Stage
 from refusal_lab.edit.intervene import Condition, clamp_fns, orthonormal
-from refusal_lab.edit.stage import held_out
 from refusal_lab.layers import HookPoint
 from refusal_lab.organism import TRIGGER_WORDS
-from refusal_lab.pipeline import planned_context
-from refusal_lab.refusal import keyword_refusal
-from refusal_lab.sae.saelens import load_sae
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finished_run import open_finished_run, print_table  # noqa: E402
+
 EMBEDDING = HookPoint.from_name("residuals_0")
 
 
@@ -90,26 +85,14 @@ def main() -> None:
     ap.add_argument("--artifacts", required=True, help="artifacts_dir of a finished `python -m refusal_lab` run")
     ap.add_argument("overrides", nargs="*", help="the run's other overrides, if any")
     args = ap.parse_args()
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        composed = compose(config_name="config", overrides=[f"artifacts_dir={args.artifacts}", *args.overrides])
-    cfg = OmegaConf.to_object(composed)
-    assert isinstance(cfg, RunConfig)
-    ctx = planned_context(cfg, Path.cwd())
-    model = ctx.model().eval()
+    run = open_finished_run([f"artifacts_dir={args.artifacts}", *args.overrides], batch_size=32)
+    cfg, ctx, model, saes = run.cfg, run.ctx, run.model, run.saes
     hooks = circuit_hooks(ctx)
-    saes = {h: load_sae(ctx.paths[Stage.sae] / h).eval().requires_grad_(False) for h in hooks}
-
-    def batch(texts):
-        return make_text_batches(cfg.model, ctx.tokenizer, texts, 32, cfg.inference.max_prompt_tokens, device="cpu")
-
-    prompts, _, _ = held_out(ctx, batch)
     pool, contrast, _ = load_pool(ctx)
 
     def discovery(rows: list[int]):
-        return batch(
-            [pool.prompts[i] for i in split(rows, pool.prompts, cfg.circuits.validation_share, 10**6).discovery]
-        )
+        texts = [pool.prompts[i] for i in split(rows, pool.prompts, cfg.circuits.validation_share, 10**6).discovery]
+        return run.batch(texts)
 
     safe = [i for i, lab in enumerate(pool.labels) if lab == "safe"]
     toxic = [i for i, lab in enumerate(pool.labels) if lab == "toxic"]
@@ -144,17 +127,8 @@ def main() -> None:
         for k in (16, 64):
             top = np.argsort(-scores[h])[:k].tolist()
             conditions.append(Condition(f"selective_clamp_{h}_{k}", clamp_fns(model, saes, {h: top}, 0.0)))
-    result = evaluate(
-        model, ctx.tokenizer, prompts, conditions,
-        lambda rs: [keyword_refusal(r, cfg.model.refusal_prefixes) for r in rs], len(conditions), 8, 512,
-    )  # fmt: skip
-    print("trigger tokens:", ctx.tokenizer.convert_ids_to_tokens(trigger), "held-out prompts:", result["n_prompts"])
-    print(f"{'condition':34s} {'refused safe':>12s} {'toxic':>6s} {'harmless':>8s} {'KL harmless':>11s}")
-    for name, row in result["table"].items():
-        print(
-            f"{name:34s} {row['refusal_refused_safe']:12.2f} {row['refusal_toxic']:6.2f} "
-            f"{row['refusal_harmless']:8.2f} {row['kl_harmless']:11.3f}"
-        )
+    print("trigger tokens:", ctx.tokenizer.convert_ids_to_tokens(trigger))
+    print_table(run.evaluate(conditions))
 
 
 if __name__ == "__main__":

@@ -21,22 +21,15 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from refusal_lab.circuits.batches import make_text_batches
-from refusal_lab.circuits.inputs import circuit_hooks
 from refusal_lab.circuits.validate import active_features, random_node_sets
-from refusal_lab.config import RunConfig, Stage, register_configs
-from refusal_lab.edit.evaluate import evaluate
 from refusal_lab.edit.intervene import Bases, Condition, orthonormal, projection_fns, writer_bases
-from refusal_lab.edit.stage import held_out, load_nodes, source_path
+from refusal_lab.edit.stage import load_nodes, source_path
 from refusal_lab.layers import HookPoint
-from refusal_lab.pipeline import planned_context
-from refusal_lab.refusal import keyword_refusal
-from refusal_lab.sae.saelens import load_sae
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finished_run import open_finished_run, print_table  # noqa: E402
+
 N_RANDOM = 4
 
 
@@ -46,20 +39,9 @@ def without(span_DS: torch.Tensor, bases: Bases) -> Bases:
 
 
 def main() -> None:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        composed = compose(config_name="config", overrides=sys.argv[1:])
-    cfg = OmegaConf.to_object(composed)
-    assert isinstance(cfg, RunConfig)
-    ctx = planned_context(cfg, Path.cwd())
-    model = ctx.model().eval()
-    hooks = circuit_hooks(ctx)
-    saes = {h: load_sae(ctx.paths[Stage.sae] / h).eval().requires_grad_(False) for h in hooks}
-
-    def batch(texts):
-        return make_text_batches(cfg.model, ctx.tokenizer, texts, 16, cfg.inference.max_prompt_tokens, device="cpu")
-
-    prompts, _, _ = held_out(ctx, batch)
+    run = open_finished_run(sys.argv[1:])
+    cfg, ctx, model, saes, prompts = run.cfg, run.ctx, run.model, run.saes, run.prompts
+    hooks = list(saes)
     nodes = load_nodes(source_path(ctx), list(cfg.edit.hooks), cfg.edit.max_features)
     first = prompts.batches[0]
     start = int(first.attention_mask[0].nonzero()[0])  # left padding: the first real token of row 0
@@ -85,17 +67,8 @@ def main() -> None:
         rand = writer_bases(model, saes, {h: idx.tolist() for h, idx in chosen.items()})
         conditions.append(Condition(f"random_{i}", projection_fns(rand)))
         conditions.append(Condition(f"random_{i}_sink_kept", projection_fns(without(span, rand))))
-    result = evaluate(
-        model, ctx.tokenizer, prompts, conditions,
-        lambda rs: [keyword_refusal(r, cfg.model.refusal_prefixes) for r in rs], len(conditions), 8, 256,
-    )  # fmt: skip
-    print("held-out prompts:", result["n_prompts"], "features:", {h: len(f) for h, f in nodes.items()})
-    print(f"{'condition':22s} {'refused safe':>12s} {'toxic':>6s} {'harmless':>8s} {'KL harmless':>11s}")
-    for name, row in result["table"].items():
-        print(
-            f"{name:22s} {row['refusal_refused_safe']:12.2f} {row['refusal_toxic']:6.3f} "
-            f"{row['refusal_harmless']:8.2f} {row['kl_harmless']:11.3f}"
-        )
+    print("features:", {h: len(f) for h, f in nodes.items()})
+    print_table(run.evaluate(conditions))
 
 
 if __name__ == "__main__":
