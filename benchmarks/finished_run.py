@@ -41,10 +41,13 @@ class FinishedRun:
     batch: Callable[[list[str]], list[PromptBatch]]
 
     def evaluate(self, conditions: Sequence[Condition]) -> dict[str, Any]:
-        """The edit stage's table for these conditions (keyword judge, 8 new tokens, KL on harmless prompts)."""
-        prefixes = self.cfg.model.refusal_prefixes
+        """The edit stage's table for these conditions (keyword judge, edit.max_new_tokens, KL on harmless prompts)."""
+        prefixes, edit = self.cfg.model.refusal_prefixes, self.cfg.edit
         judge = lambda rs: [keyword_refusal(r, prefixes) for r in rs]  # noqa: E731
-        return evaluate(self.model, self.ctx.tokenizer, self.prompts, conditions, judge, len(conditions), 8, 256)
+        return evaluate(
+            self.model, self.ctx.tokenizer, self.prompts, conditions, judge, len(conditions),
+            edit.max_new_tokens, edit.max_rows,
+        )  # fmt: skip
 
 
 def open_finished_run(overrides: Sequence[str], batch_size: int = 16) -> FinishedRun:

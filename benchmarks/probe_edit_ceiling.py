@@ -27,18 +27,15 @@ import numpy as np
 import torch
 
 from refusal_lab.circuits.direction import directions_from_model
-from refusal_lab.circuits.inputs import circuit_hooks, load_pool
+from refusal_lab.circuits.inputs import load_pool
 from refusal_lab.circuits.selective import read_means, selectivity_scores
 from refusal_lab.circuits.sets import split
 from refusal_lab.config import Stage
-from refusal_lab.edit.intervene import Condition, clamp_fns, orthonormal
-from refusal_lab.layers import HookPoint
+from refusal_lab.edit.intervene import EMBEDDING, Condition, clamp_fns, orthonormal
 from refusal_lab.organism import TRIGGER_WORDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finished_run import open_finished_run, print_table  # noqa: E402
-
-EMBEDDING = HookPoint.from_name("residuals_0")
 
 
 class TokenRows:
@@ -87,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     run = open_finished_run([f"artifacts_dir={args.artifacts}", *args.overrides], batch_size=32)
     cfg, ctx, model, saes = run.cfg, run.ctx, run.model, run.saes
-    hooks = circuit_hooks(ctx)
+    hooks = list(saes)  # the circuits hook points (finished_run loads one SAE for each)
     pool, contrast, _ = load_pool(ctx)
 
     def discovery(rows: list[int]):
